@@ -1,0 +1,182 @@
+"""The typed, validated run config: YAML in, YAML out, `key=value` overrides. Torch-free.
+
+    cfg = load_config("run.yaml", ["optim.lr=0.01", "epochs=5"])
+    print(dump_config(cfg))
+
+Defaults live here and only here; every checkpoint and every bundle carries the resolved config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tandem.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field("animals", description="'animals' (embedded), a folder with one sub-folder per class, or an .npz with x and y")
+    image_size: int = Field(28, ge=8, le=512, description="images are resized to image_size x image_size")
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale, 3 = RGB")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
+    skip_bad_files: bool = Field(False, description="skip unreadable images with a warning instead of stopping")
+    mean: float = Field(0.5, description="preprocessing: (pixel/255 - mean) / std")
+    std: float = Field(0.5, gt=0.0)
+
+
+class ModelConfig(_Section):
+    name: Literal["mlp", "cnn", "resnet"] = "cnn"
+    width: int = Field(16, ge=4, le=512, description="channels of the first stage (hidden units / 8 for mlp)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-3, gt=0.0, le=10.0, description="peak learning rate")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum (AdamW uses beta1 = 0.9)")
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_accum: int = Field(1, ge=1, le=1024, description="micro-batches summed per optimizer step")
+
+
+class ScheduleConfig(_Section):
+    name: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: float = Field(0.25, ge=0.0, le=0.9, description="share of steps spent warming up")
+
+
+class AugmentConfig(_Section):
+    shift: int = Field(2, ge=0, le=16, description="random shift in pixels, per image")
+    hflip: bool = Field(True, description="random horizontal flip, per image")
+
+
+class TrainConfig(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    augment: AugmentConfig = AugmentConfig()
+    batch_size: int = Field(128, ge=1, le=65536)
+    epochs: int = Field(14, ge=1, le=10000)
+    max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0 = no limit)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs and on CPUs with native bf16, else fp32")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0)
+    out_dir: str = "runs/latest"
+    checkpoint_every: int = Field(0, ge=0, description="save every N optimizer steps (0 = each epoch); always at the end")
+    keep_checkpoints: int = Field(3, ge=1, le=1000)
+    early_stopping: int = Field(0, ge=0, description="stop when validation accuracy has not improved for N epochs (0 = off)")
+    progress: bool = Field(True, description="progress bar on a terminal")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError("precision=fp16 needs device=cuda; use bf16 or fp32 on CPU")
+        if self.batch_size % self.optim.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of optim.grad_accum={self.optim.grad_accum}")
+        return self
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+
+
+def _explain(err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = _field_path(first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{path}'; run `tandem config` to see every key and its default"
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    message = first["msg"].removeprefix("Value error, ").rstrip(".")
+    if first["type"] == "value_error":
+        return f"config: {message}"
+    return f"config: {path}: {message}{got_text}"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{dotted}': '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['optim.lr=0.01', 'epochs=3'] -> {'optim': {'lr': 0.01}, 'epochs': 3} (values read as YAML)."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override '{item}' is not key=value; write e.g. optim.lr=0.01")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_dict(tree: dict) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_explain(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML file (optional), apply `key=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; give a YAML file or only key=value overrides")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"config file {path} must be a mapping of keys to values")
+    return config_from_dict(_merge(tree, parse_overrides(overrides or [])))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every key: what `tandem config` prints."""
+    rows = []
+
+    def walk(model_cls: type[BaseModel], prefix: str) -> None:
+        for name, field in model_cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            else:
+                rows.append((f"{prefix}{name}", field.default, field.description or ""))
+
+    walk(TrainConfig, "")
+    return rows

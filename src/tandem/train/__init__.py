@@ -1,0 +1,1 @@
+"""The training system (PyTorch): models, the loop, checkpoints."""

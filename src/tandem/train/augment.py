@@ -1,0 +1,25 @@
+"""Vectorised batch augmentation on tensors: per-image random shift and horizontal flip."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def augment(x: torch.Tensor, shift: int, hflip: bool, generator: torch.Generator, fill: float) -> torch.Tensor:
+    """x: (N, C, H, W). Each image gets its own flip and its own shift of up to `shift` pixels, the
+    uncovered border filled with `fill` (the background value after preprocessing)."""
+    n, _, h, w = x.shape
+    if hflip:
+        flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
+    if shift:
+        size = 2 * shift + 1
+        dy = torch.randint(0, size, (n,), generator=generator, device=generator.device).to(x.device)
+        dx = torch.randint(0, size, (n,), generator=generator, device=generator.device).to(x.device)
+        padded = F.pad(x, (shift, shift, shift, shift), value=fill)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        padded = padded.gather(2, rows.expand(n, x.shape[1], h, w + 2 * shift))
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        x = padded.gather(3, cols.expand(n, x.shape[1], h, w))
+    return x

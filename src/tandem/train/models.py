@@ -1,0 +1,87 @@
+"""The model zoo, written for one device; parallelism is applied from outside.
+
+    model = create_model("cnn", in_channels=1, image_size=28, num_classes=10, width=16)
+
+Every model takes float32 (N, C, H, W) and returns logits (N, classes), and exports to ONNX.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+
+def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+def mlp(in_channels: int, image_size: int, num_classes: int, width: int = 16, dropout: float = 0.0) -> nn.Module:
+    hidden = 16 * width
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def cnn(in_channels: int, image_size: int, num_classes: int, width: int = 16, dropout: float = 0.0) -> nn.Module:
+    """Small batch-norm CNN: one cheap conv at full resolution, two at 1/2 and two at 1/4, then a linear
+    head on the 1/8 grid (keeps where the parts of a silhouette are, which global pooling would lose)."""
+    w = width
+    grid = image_size // 8
+    if grid < 1:
+        raise ValueError(f"cnn needs images of at least 8 pixels, got {image_size}")
+    return nn.Sequential(
+        *conv_bn_relu(in_channels, w), nn.MaxPool2d(2),
+        *conv_bn_relu(w, 2 * w), *conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2),
+        *conv_bn_relu(2 * w, 4 * w), *conv_bn_relu(4 * w, 4 * w), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w * grid * grid, num_classes),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with an identity (or 1x1 projection) shortcut, He et al. 2016."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn_relu(c_in, c_out, stride),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet(in_channels: int, image_size: int, num_classes: int, width: int = 16, dropout: float = 0.0) -> nn.Module:
+    """A small residual net for larger RGB images: four stages of basic blocks, global average pool."""
+    w = width
+    stem_stride = 2 if image_size >= 64 else 1
+    return nn.Sequential(
+        *conv_bn_relu(in_channels, w, stem_stride),
+        BasicBlock(w, w, 1),
+        BasicBlock(w, 2 * w, 2),
+        BasicBlock(2 * w, 4 * w, 2),
+        BasicBlock(4 * w, 8 * w, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(8 * w, num_classes),
+    )
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+
+
+def create_model(name: str, in_channels: int, image_size: int, num_classes: int, width: int = 16,
+                 dropout: float = 0.0) -> nn.Module:
+    if name not in MODELS:
+        raise KeyError(f"unknown model '{name}'; choose one of {sorted(MODELS)}")
+    return MODELS[name](in_channels, image_size, num_classes, width=width, dropout=dropout)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,61 @@
+"""Shared fixtures: small real data (a slice of the embedded animals), a tiny trained run and its bundle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tandem.data.sources import ANIMAL_CLASSES, ANIMALS_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def animals(per_class: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` distinct images of each of the first `classes` animals."""
+    with np.load(ANIMALS_FILE) as arrays:
+        x, y = arrays["x"], arrays["y"]
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(classes)])
+    return x[np.sort(keep)], y[np.sort(keep)]
+
+
+def run_tandem(*args: str, timeout: float = 300, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command, in a fresh process."""
+    proc = subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tandem {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory) -> Path:
+    """600 real animal images (60 per class) as an .npz with class names."""
+    x, y = animals(60)
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    np.savez(path, x=x, y=y, classes=np.array(ANIMAL_CLASSES))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_npz):
+    """A run trained for a few steps in this process (the accuracy does not matter)."""
+    from tandem.config import TrainConfig
+    from tandem.train.loop import train
+
+    out = tmp_path_factory.mktemp("run")
+    cfg = TrainConfig.model_validate({"data": {"source": str(small_npz)}, "model": {"width": 8}, "epochs": 2,
+                                      "batch_size": 64, "out_dir": str(out), "progress": False})
+    return train(cfg, log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_run) -> Path:
+    from tandem.export.onnx_bundle import export_bundle
+
+    return export_bundle(tiny_run.run_dir, tmp_path_factory.mktemp("bundles") / "tiny", log=lambda *a, **k: None)

@@ -1,0 +1,86 @@
+"""The `tandem` command as a user runs it: in a fresh process, one-line errors, JSON beside text."""
+
+import json
+import time
+
+import pytest
+
+from conftest import animals, run_tandem
+from test_data import make_folder
+
+
+def _one_line_error(proc, expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_help_is_instant_and_lists_the_commands():
+    start = time.perf_counter()
+    proc = run_tandem("--help", check=True)
+    assert time.perf_counter() - start < 5  # generous for a loaded CI box; the benchmark measures it properly
+    for command in ("demo", "train", "export", "predict", "config"):
+        assert command in proc.stdout
+    assert run_tandem().returncode == 2
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "optim.lr=-1"], "optim.lr: Input should be greater than 0"),
+    (["train", "data.source=/no/such/folder"], "/no/such/folder does not exist"),
+    (["train", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["train", "--resume", "/no/such/run"], "no config.yaml there"),
+    (["export", "/no/such/run", "--out", "/tmp/x"], "/no/such/run does not exist"),
+    (["predict", "/no/such/bundle", "a.png"], "bundle /no/such/bundle does not exist"),
+])
+def test_user_mistakes_get_one_line(args, expected):
+    _one_line_error(run_tandem(*args), expected)
+
+
+def test_predict_and_export_through_the_command(tiny_run, tiny_bundle, tmp_path):
+    from PIL import Image
+
+    x, y = animals(1)
+    for i, image in enumerate(x):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    proc = run_tandem("predict", str(tiny_bundle), str(tmp_path), "--top-k", "3", "--json", check=True)
+    answers = json.loads(proc.stdout)
+    assert len(answers) == 10 and all(len(a["top_k"]) == 3 for a in answers)
+    text = run_tandem("predict", str(tiny_bundle), str(tmp_path / "0.png"), check=True).stdout
+    assert text.startswith(f"{tmp_path / '0.png'}: ") and "%" in text
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    _one_line_error(run_tandem("predict", str(tiny_bundle), str(tmp_path / "bad.png")), "cannot read image")
+    _one_line_error(run_tandem("export", str(tiny_run.run_dir), "--out", str(tiny_bundle)), "--force")
+    _one_line_error(run_tandem("export", str(tmp_path), "--out", str(tmp_path / "b")), "no usable checkpoint")
+
+
+@pytest.mark.slow
+def test_train_export_predict_on_a_users_image_folder(tmp_path):
+    """No code change: a folder of RGB JPEGs of any size, class names from the sub-folders."""
+    data = make_folder(tmp_path / "photos", per_class=40, classes=("bird", "cat", "horse"), rgb=True)
+    run = tmp_path / "run"
+    proc = run_tandem("train", f"data.source={data}", "data.channels=3", "data.image_size=32", "model.name=resnet",
+                      "model.width=8", "epochs=2", "batch_size=32", f"out_dir={run}", "--json", check=True)
+    metrics = json.loads(proc.stdout)
+    assert metrics["test_images"] == 12 and 0 <= metrics["test_accuracy"] <= 1
+    for name in ("curves.png", "confusion.png", "metrics.jsonl", "config.yaml", "results.json"):
+        assert (run / name).is_file(), name
+    bundle = tmp_path / "bundle"
+    run_tandem("export", str(run), "--out", str(bundle), check=True)
+    answers = json.loads(run_tandem("predict", str(bundle), str(data / "cat"), "--json", check=True).stdout)
+    assert len(answers) == 40
+    assert {a["top_k"][0]["label"] for a in answers} <= {"bird", "cat", "horse"}
+
+
+@pytest.mark.slow
+def test_demo_writes_its_report(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_tandem("demo", "--out", str(out), "--epochs", "1", "--json", check=True, timeout=600)
+    report = json.loads(proc.stdout)
+    assert json.loads((out / "report.json").read_text()) == report
+    for key in ("test_accuracy", "train_seconds", "images_per_second", "demo_accuracy_100", "bundle"):
+        assert key in report
+    truth = json.loads((out / "holdout" / "truth.json").read_text())
+    assert len(truth) == 100 and len(set(truth)) == 10
+    assert report["demo_accuracy_100"] > 0.5  # one epoch already beats chance (0.1) by far
+    for name in ("contact_sheet.png", "curves.png", "confusion.png", "bundle/manifest.json", "bundle/model.onnx"):
+        assert (out / name).is_file(), name

@@ -1,0 +1,46 @@
+"""Config: YAML plus key=value overrides, validated, with messages that name the field and the range."""
+
+import pytest
+
+from tandem.config import TrainConfig, dump_config, load_config
+from tandem.errors import UserError
+
+
+def test_yaml_then_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 0.02\n  name: sgd\nepochs: 3\n")
+    cfg = load_config(path, ["optim.lr=0.01", "augment.hflip=false", "data.source=photos/"])
+    assert (cfg.optim.lr, cfg.optim.name, cfg.epochs, cfg.augment.hflip) == (0.01, "sgd", 3, False)
+    assert cfg.data.source == "photos/" and cfg.model.name == "cnn"  # defaults fill the rest
+    (tmp_path / "out.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=-1", "config: optim.lr: Input should be greater than 0 (got -1)"),
+    ("batch_size=0", "config: batch_size: Input should be greater than or equal to 1 (got 0)"),
+    ("data.val_fraction=0.7", "config: data.val_fraction: Input should be less than 0.5 (got 0.7)"),
+    ("model.name=vit", "config: model.name: Input should be 'mlp', 'cnn' or 'resnet' (got 'vit')"),
+    ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+    ("epochs", "override 'epochs' is not key=value"),
+    ("precision=fp16", "config: precision=fp16 needs device=cuda"),
+])
+def test_bad_values_name_the_field_and_the_range(override, expected):
+    extra = ["device=cpu"] if override.startswith("precision") else []
+    with pytest.raises(UserError) as err:
+        load_config(None, [override, *extra])
+    assert str(err.value).startswith(expected)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("optim: [\n")
+    with pytest.raises(UserError, match="not valid YAML at line"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = TrainConfig()
+    assert (cfg.data.source, cfg.model.name, cfg.precision, cfg.device) == ("animals", "cnn", "auto", "auto")
