@@ -38,17 +38,25 @@ class TrainResult:
     metrics: dict
 
 
+def _cosine(start: float, end: float, fraction: float) -> float:
+    return end + (start - end) * (1 + math.cos(math.pi * min(1.0, max(0.0, fraction)))) / 2
+
+
 def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
-    """Peak lr scaled by the schedule: one-cycle (cosine up, cosine down), cosine, or constant."""
+    """The lr at an optimizer step: a pure function of the step, so resume needs no scheduler state.
+
+    onecycle = torch's OneCycleLR (cosine from peak/25 up to peak, then down to peak/25/1e4);
+    cosine = torch's CosineAnnealingLR to 0; constant = the peak."""
     peak, sched = cfg.optim.lr, cfg.schedule
     if sched.name == "constant":
         return peak
-    warmup = int(total * sched.warmup_fraction) if sched.name == "onecycle" else 0
-    if step < warmup:  # from peak/25 up to peak, as torch's OneCycleLR
-        return peak / 25 + (peak - peak / 25) * (1 - math.cos(math.pi * step / warmup)) / 2
-    progress = (step - warmup) / max(1, total - warmup)
-    floor = peak / 25 / 1e4 if sched.name == "onecycle" else 0.0
-    return floor + (peak - floor) * (1 + math.cos(math.pi * progress)) / 2
+    if sched.name == "cosine":
+        return _cosine(peak, 0.0, step / total)
+    start, floor = peak / 25, peak / 25 / 1e4
+    warm_end = sched.warmup_fraction * total - 1
+    if step <= warm_end:
+        return _cosine(start, peak, step / warm_end)
+    return _cosine(peak, floor, (step - warm_end) / max(1e-9, total - 1 - warm_end))
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -1,0 +1,73 @@
+"""The loop's parts against references: the lr schedule against torch's schedulers, gradient
+accumulation against one big batch, early stopping, augmentation."""
+
+import json
+
+import pytest
+import torch
+
+from tandem.config import TrainConfig
+from tandem.train.augment import augment
+from tandem.train.loop import learning_rate, train
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cosine"])
+def test_schedule_matches_torch(name):
+    cfg = TrainConfig.model_validate({"schedule": {"name": name, "warmup_fraction": 0.3}, "optim": {"lr": 0.02}})
+    total = 97
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.02)
+    if name == "onecycle":
+        reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.02, total_steps=total, pct_start=0.3,
+                                                        cycle_momentum=False)
+    else:
+        reference = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    for step in range(total):
+        assert learning_rate(step, total, cfg) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9, abs=1e-15)
+        optimizer.step()
+        if step < total - 1:
+            reference.step()
+
+
+def _run(npz, out, **extra):
+    tree = {"data": {"source": str(npz)}, "model": {"name": "mlp", "width": 4}, "augment": {"shift": 0, "hflip": False},
+            "optim": {"label_smoothing": 0.0}, "batch_size": 64, "epochs": 2, "out_dir": str(out), "progress": False}
+    for key, value in extra.items():
+        section, _, field = key.partition("__")
+        if field:
+            tree.setdefault(section, {})[field] = value
+        else:
+            tree[key] = value
+    return train(TrainConfig.model_validate(tree), log=lambda *a, **k: None)
+
+
+def test_grad_accumulation_equals_one_big_batch(small_npz, tmp_path):
+    """An mlp has no batch norm, so 4 micro-batches of 16 must give the step of one batch of 64."""
+    from safetensors.torch import load_file
+
+    whole = _run(small_npz, tmp_path / "whole")
+    split = _run(small_npz, tmp_path / "split", optim__grad_accum=4)
+    a, b = load_file(str(whole.checkpoint / "model.safetensors")), load_file(str(split.checkpoint / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    assert split.metrics["test_accuracy"] == whole.metrics["test_accuracy"]
+
+
+def test_early_stopping_stops_when_validation_stalls(small_npz, tmp_path):
+    # A learning rate this small cannot move validation accuracy: stop after 2 flat epochs.
+    result = _run(small_npz, tmp_path / "run", optim__lr=1e-9, epochs=10, early_stopping=2, optim__name="sgd",
+                  optim__momentum=0.0)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and result.metrics["epochs"] == 3
+
+
+def test_augment_shifts_and_flips_each_image_on_its_own():
+    x = torch.zeros(64, 1, 8, 8)
+    x[:, :, 3, 2] = 1.0  # one bright pixel, left of centre
+    out = augment(x, shift=2, hflip=True, generator=torch.Generator().manual_seed(0), fill=-1.0)
+    assert out.shape == x.shape
+    positions = {tuple((img[0] == 1).nonzero()[0].tolist()) for img in out if (img[0] == 1).any()}
+    assert len(positions) > 10  # different images moved differently
+    assert all(abs(r - 3) <= 2 and (abs(c - 2) <= 2 or abs(c - 5) <= 2) for r, c in positions)
+    assert (out == -1.0).any()  # the uncovered border takes the fill value
+    unchanged = augment(x, shift=0, hflip=False, generator=torch.Generator().manual_seed(0), fill=-1.0)
+    assert torch.equal(unchanged, x)
