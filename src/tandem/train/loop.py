@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> TrainResult:
             with open(metrics_path, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
             summary = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy")))
-            (bar.console.log if bar else log)(f"epoch {record['epoch']:>3}  {summary}  {record['images_per_second']:,.0f} img/s")
+            (bar.console.print if bar else log)(f"epoch {record['epoch']:>3}  {summary}  {record['images_per_second']:,.0f} img/s")
         if step == total_steps or stopped_early or (
                 cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and end_of_epoch):
             save(stopped_early)
