@@ -23,10 +23,11 @@ def test_yaml_then_overrides_and_round_trip(tmp_path):
     ("model.name=vit", "config: model.name: Input should be 'mlp', 'cnn' or 'resnet' (got 'vit')"),
     ("optim.lrr=1", "unknown config key 'optim.lrr'"),
     ("epochs", "override 'epochs' is not key=value"),
-    ("precision=fp16", "config: precision=fp16 needs device=cuda"),
+    ("precision=fp16", "config: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
+    ("batch_size=10", "config: batch_size=10 must be a multiple of optim.grad_accum=3"),
 ])
 def test_bad_values_name_the_field_and_the_range(override, expected):
-    extra = ["device=cpu"] if override.startswith("precision") else []
+    extra = ["optim.grad_accum=3"] if override.startswith("batch_size=10") else []
     with pytest.raises(UserError) as err:
         load_config(None, [override, *extra])
     assert str(err.value).startswith(expected)

@@ -71,3 +71,19 @@ def test_augment_shifts_and_flips_each_image_on_its_own():
     assert (out == -1.0).any()  # the uncovered border takes the fill value
     unchanged = augment(x, shift=0, hflip=False, generator=torch.Generator().manual_seed(0), fill=-1.0)
     assert torch.equal(unchanged, x)
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    from tandem.train import device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.pick_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.pick_precision("auto", torch.device("cpu")) == "bf16"
+    assert device.pick_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_bf16_autocast_trains_a_cnn(small_npz, tmp_path):
+    result = _run(small_npz, tmp_path / "run", precision="bf16", model__name="cnn", epochs=3)
+    assert result.metrics["precision"] == "bf16"
+    assert result.metrics["test_accuracy"] > 0.3  # well above chance (0.1) after three short epochs

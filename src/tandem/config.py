@@ -67,7 +67,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(128, ge=1, le=65536)
     epochs: int = Field(14, ge=1, le=10000)
     max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0 = no limit)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPUs and on CPUs with native bf16, else fp32")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0)
     out_dir: str = "runs/latest"
@@ -78,8 +78,6 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.precision == "fp16" and self.device == "cpu":
-            raise ValueError("precision=fp16 needs device=cuda; use bf16 or fp32 on CPU")
         if self.batch_size % self.optim.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of optim.grad_accum={self.optim.grad_accum}")
         return self
