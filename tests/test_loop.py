@@ -28,9 +28,22 @@ def test_schedule_matches_torch(name):
             reference.step()
 
 
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 8])
+def test_schedule_on_runs_of_a_few_steps(total):
+    """A 25% warm-up of at most 4 steps ends on step 0: the run starts at the peak and decays (no division by zero)."""
+    cfg = TrainConfig()
+    rates = [learning_rate(step, total, cfg) for step in range(total)]
+    if total <= 4:
+        assert rates[0] == cfg.optim.lr and rates == sorted(rates, reverse=True)
+    else:
+        assert rates[0] == pytest.approx(cfg.optim.lr / 25) and rates[0] < rates[1]  # a real warm-up
+    assert all(0 < lr <= cfg.optim.lr for lr in rates)
+
+
 def _run(npz, out, **extra):
     tree = {"data": {"source": str(npz)}, "model": {"name": "mlp", "width": 4}, "augment": {"shift": 0, "hflip": False},
-            "optim": {"label_smoothing": 0.0}, "batch_size": 64, "epochs": 2, "out_dir": str(out), "progress": False}
+            "optim": {"label_smoothing": 0.0}, "batch_size": 64, "epochs": 2, "out_dir": str(out), "progress": False,
+            "precision": "fp32"}
     for key, value in extra.items():
         section, _, field = key.partition("__")
         if field:
@@ -87,3 +100,10 @@ def test_bf16_autocast_trains_a_cnn(small_npz, tmp_path):
     result = _run(small_npz, tmp_path / "run", precision="bf16", model__name="cnn", epochs=3)
     assert result.metrics["precision"] == "bf16"
     assert result.metrics["test_accuracy"] > 0.3  # well above chance (0.1) after three short epochs
+
+
+def test_train_restores_the_callers_determinism_setting(small_npz, tmp_path):
+    """Deterministic kernels are on during a CPU run and the caller's setting comes back afterwards."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    _run(small_npz, tmp_path / "run", epochs=1)
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -53,9 +53,10 @@ def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
     if sched.name == "cosine":
         return _cosine(peak, 0.0, step / total)
     start, floor = peak / 25, peak / 25 / 1e4
-    warm_end = sched.warmup_fraction * total - 1
+    # On runs of a few steps the warm-up ends at step 0: it then starts at the peak.
+    warm_end = max(0.0, sched.warmup_fraction * total - 1)
     if step <= warm_end:
-        return _cosine(start, peak, step / warm_end)
+        return _cosine(start, peak, step / warm_end) if warm_end > 0 else peak
     return _cosine(peak, floor, (step - warm_end) / max(1e-9, total - 1 - warm_end))
 
 
@@ -110,6 +111,16 @@ def _progress(cfg: TrainConfig, total: int, start: int):
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> TrainResult:
+    # Deterministic kernels on CPU for this run only; the caller's setting comes back afterwards.
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return _train(cfg, resume, log)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+
+
+def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
@@ -242,6 +253,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> TrainResult:
                 handle.write(json.dumps(record) + "\n")
             summary = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy")))
             (bar.console.print if bar else log)(f"epoch {record['epoch']:>3}  {summary}  {record['images_per_second']:,.0f} img/s")
+            t_last = time.perf_counter()  # validation is not training time
         if step == total_steps or stopped_early or (
                 cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and end_of_epoch):
             save(stopped_early)
