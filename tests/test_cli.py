@@ -36,6 +36,17 @@ def test_user_mistakes_get_one_line(args, expected):
     _one_line_error(run_tandem(*args), expected)
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["demo", "--epochs", "0"], "argument --epochs: 0 is below 1; give a number >= 1"),
+    (["demo", "--seed", "x"], "argument --seed: 'x' is not a whole number"),
+    (["predict", "b", "a.png", "--top-k", "0"], "argument --top-k: 0 is below 1"),
+    (["demo", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+])
+def test_bad_options_get_usage_and_the_reason(args, expected):
+    proc = run_tandem(*args)
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_predict_and_export_through_the_command(tiny_run, tiny_bundle, tmp_path):
     from PIL import Image
 

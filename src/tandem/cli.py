@@ -17,6 +17,21 @@ from tandem import __version__
 from tandem.errors import UserError
 
 
+def _counted(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}; give a number >= {low}")
+        return value
+    return parse
+
+
+_positive_int, _non_negative_int = _counted(1), _counted(0)
+
+
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
@@ -81,7 +96,7 @@ def cmd_predict(args) -> int:
 def cmd_demo(args) -> int:
     from tandem.demo import run_demo
 
-    report = run_demo(args.out, epochs=args.epochs, quiet=args.json)
+    report = run_demo(args.out, epochs=args.epochs, quiet=args.json, seed=args.seed, precision=args.precision)
     if args.json:
         _print_json(report)
     return 0
@@ -115,7 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The whole path on the embedded animals: train the default cnn, export the "
                                    "bundle, then classify 100 held-out images in a separate torch-free process.")
     p.add_argument("--out", default="tandem-demo", help="folder for everything the demo writes (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=None, help="override the number of training epochs")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="override the number of training epochs")
+    p.add_argument("--seed", type=_non_negative_int, default=0,
+                   help="seed of the split, the initial weights and the augmentation (default: %(default)s)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32")
     p.add_argument("--json", action="store_true", help="print report.json instead of the tables")
     p.set_defaults(func=cmd_demo)
 
@@ -149,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Verifies the bundle's hashes first. Never imports torch.")
     p.add_argument("bundle", help="bundle folder (from `tandem export`)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
-    p.add_argument("--top-k", type=int, default=1, help="how many classes to report per image (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--top-k", type=_positive_int, default=1, help="how many classes to report per image (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
     p.set_defaults(func=cmd_predict)
 

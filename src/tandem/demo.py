@@ -94,20 +94,23 @@ def print_table(truth: list[str], guess: list[str]) -> None:
     Console().print(table)
 
 
-def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: bool = False) -> dict:
+def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: bool = False, seed: int = 0,
+             precision: str = "auto") -> dict:
     from tandem.config import TrainConfig
     from tandem.export.onnx_bundle import export_bundle
     from tandem.train.loop import train
 
     out = Path(out)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if quiet else print
-    cfg = TrainConfig(out_dir=str(out / "run"), progress=not quiet)
+    cfg = TrainConfig(out_dir=str(out / "run"), progress=not quiet, seed=seed, precision=precision)
     if epochs is not None:
         cfg.epochs = epochs
     if (out / "run").exists():
         shutil.rmtree(out / "run")  # a demo always starts fresh
     log("== 1. training system: train the default cnn on the embedded animals")
+    t0 = time.perf_counter()
     result = train(cfg, log=log)
+    train_wall_seconds = time.perf_counter() - t0
 
     log("\n== 2. export: checkpoint -> verified bundle")
     bundle = export_bundle(cfg.out_dir, out / "bundle", name="animals", force=True, log=log)
@@ -139,6 +142,7 @@ def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: 
         "test_accuracy": result.metrics["test_accuracy"],
         "test_images": result.metrics["test_images"],
         "train_seconds": result.metrics["train_seconds"],
+        "train_wall_seconds": train_wall_seconds,
         "images_per_second": result.metrics["images_per_second"],
         "demo_accuracy_100": correct / len(truth),
         "demo_predict_seconds": predict_seconds,
@@ -150,12 +154,14 @@ def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: 
         "precision": result.metrics["precision"],
         "device": result.metrics["device"],
         "epochs": result.metrics["epochs"],
+        "seed": seed,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"\n{correct}/{len(truth)} held-out images right ({report['demo_accuracy_100']:.0%}) by the torch-free "
         f"process in {predict_seconds:.2f} s (start-up included)")
     log(f"test accuracy {report['test_accuracy']:.2%} on {report['test_images']} held-out images; "
         f"training took {report['train_seconds']:.1f} s ({report['images_per_second']:,.0f} img/s, "
+        f"{train_wall_seconds:.1f} s with data, evaluation, checkpoints and plots; "
         f"{report['precision']} on {report['device']})")
     log(f"everything is in {out}/: bundle/, report.json, contact_sheet.png, curves.png, confusion.png")
     return report
