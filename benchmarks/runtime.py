@@ -85,14 +85,16 @@ def fresh_process(code: str, bundle: Path, batch: int) -> dict:
     return {**json.loads(line), "start_s": start_s}
 
 
-def alternating(*fns, reps: int, warmup: int, rounds: int = 5) -> list[float]:
+def alternating(*fns, reps: int, warmup: int, rounds: int = 5, pause: float = 0.3) -> list[float]:
     """Median seconds per call of each function, run in alternating blocks so that drift hits all alike.
 
     Blocks, not single calls: after a call each library's idle threads spin for a while, which on a
-    few cores steals the other's time (torch's batch-1 latency looked 20x worse called alternately)."""
+    few cores steals the other's time (torch's batch-1 latency looked 20x worse called alternately).
+    A pause before each block lets the other library's threads go to sleep first."""
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
         for fn, out in zip(fns, times):
+            time.sleep(pause)
             for i in range(warmup + reps // rounds):
                 t0 = time.perf_counter()
                 fn()
