@@ -37,9 +37,11 @@ def test_user_mistakes_get_one_line(args, expected):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["demo", "--epochs", "0"], "argument --epochs: 0 is below 1; give a number >= 1"),
+    (["demo", "--epochs", "0"], "argument --epochs: 0 is out of range; give a number from 1 to 10000"),
+    (["demo", "--epochs", "20000"], "argument --epochs: 20000 is out of range; give a number from 1 to 10000"),
+    (["demo", "--seed", str(2**40)], "argument --seed: 1099511627776 is out of range"),
     (["demo", "--seed", "x"], "argument --seed: 'x' is not a whole number"),
-    (["predict", "b", "a.png", "--top-k", "0"], "argument --top-k: 0 is below 1"),
+    (["predict", "b", "a.png", "--top-k", "0"], "argument --top-k: 0 is out of range"),
     (["demo", "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
 ])
 def test_bad_options_get_usage_and_the_reason(args, expected):
@@ -90,6 +92,8 @@ def test_demo_writes_its_report(tmp_path):
     assert json.loads((out / "report.json").read_text()) == report
     for key in ("test_accuracy", "train_seconds", "images_per_second", "demo_accuracy_100", "bundle"):
         assert key in report
+    assert report["seed"] == 0 and report["epochs"] == 1
+    assert 0 < report["train_seconds"] <= report["train_wall_seconds"]
     truth = json.loads((out / "holdout" / "truth.json").read_text())
     assert len(truth) == 100 and len(set(truth)) == 10
     assert report["demo_accuracy_100"] > 0.5  # one epoch already beats chance (0.1) by far

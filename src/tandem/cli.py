@@ -17,19 +17,20 @@ from tandem import __version__
 from tandem.errors import UserError
 
 
-def _counted(low: int):
+def _counted(low: int, high: int = 2**31 - 1):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below {low}; give a number >= {low}")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give a number from {low} to {high}")
         return value
     return parse
 
 
-_positive_int, _non_negative_int = _counted(1), _counted(0)
+# The same ranges as the config's epochs and seed.
+_positive_int, _epochs, _seed = _counted(1), _counted(1, 10_000), _counted(0, 2**32 - 1)
 
 
 def _print_json(obj) -> None:
@@ -130,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The whole path on the embedded animals: train the default cnn, export the "
                                    "bundle, then classify 100 held-out images in a separate torch-free process.")
     p.add_argument("--out", default="tandem-demo", help="folder for everything the demo writes (default: %(default)s)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="override the number of training epochs")
-    p.add_argument("--seed", type=_non_negative_int, default=0,
+    p.add_argument("--epochs", type=_epochs, default=None, help="override the number of training epochs")
+    p.add_argument("--seed", type=_seed, default=0,
                    help="seed of the split, the initial weights and the augmentation (default: %(default)s)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32")

@@ -69,7 +69,7 @@ class TrainConfig(_Section):
     max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0 = no limit)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     out_dir: str = "runs/latest"
     checkpoint_every: int = Field(0, ge=0, description="save every N optimizer steps (0 = each epoch); always at the end")
     keep_checkpoints: int = Field(3, ge=1, le=1000)

@@ -1,6 +1,6 @@
 """`tandem demo`: the two systems end to end on the embedded animals.
 
-    tandem demo [--out tandem-demo] [--json]
+    tandem demo [--out tandem-demo] [--epochs N] [--seed S] [--precision auto|fp32|bf16] [--json]
 
 1. the training system trains the default cnn (CPU or GPU) and checkpoints it;
 2. export turns the checkpoint into a verified bundle;
