@@ -8,9 +8,9 @@ from tandem.errors import UserError
 
 def test_yaml_then_overrides_and_round_trip(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("optim:\n  lr: 0.02\n  name: sgd\nepochs: 3\n")
+    path.write_text("optim:\n  lr: 0.02\n  name: adamw\nepochs: 3\n")
     cfg = load_config(path, ["optim.lr=0.01", "augment.hflip=false", "data.source=photos/"])
-    assert (cfg.optim.lr, cfg.optim.name, cfg.epochs, cfg.augment.hflip) == (0.01, "sgd", 3, False)
+    assert (cfg.optim.lr, cfg.optim.name, cfg.epochs, cfg.augment.hflip) == (0.01, "adamw", 3, False)
     assert cfg.data.source == "photos/" and cfg.model.name == "cnn"  # defaults fill the rest
     (tmp_path / "out.yaml").write_text(dump_config(cfg))
     assert load_config(tmp_path / "out.yaml") == cfg

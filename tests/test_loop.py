@@ -106,8 +106,24 @@ def test_bf16_autocast_trains_a_cnn_as_well_as_fp32(small_npz, tmp_path):
     assert bf16.metrics["test_accuracy"] > fp32.metrics["test_accuracy"] - 0.1
 
 
-def test_train_restores_the_callers_determinism_setting(small_npz, tmp_path):
-    """Deterministic kernels are on during a CPU run and the caller's setting comes back afterwards."""
-    assert not torch.are_deterministic_algorithms_enabled()
-    _run(small_npz, tmp_path / "run", epochs=1)
-    assert not torch.are_deterministic_algorithms_enabled()
+@pytest.mark.parametrize("before", [(False, False), (True, False), (True, True)])
+def test_train_restores_the_callers_determinism_setting(small_npz, tmp_path, monkeypatch, before):
+    """Deterministic kernels (warn only) are on during a CPU run; the caller's setting comes back afterwards."""
+    import tandem.train.loop as loop
+
+    during = []
+    real_save = loop.ckpt.save_checkpoint
+
+    def save_and_look(*args, **kwargs):
+        during.append((torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()))
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(loop.ckpt, "save_checkpoint", save_and_look)
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    try:
+        _run(small_npz, tmp_path / "run", epochs=1)
+        after = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert during and set(during) == {(True, True)}
+    assert after == before

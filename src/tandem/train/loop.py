@@ -45,7 +45,9 @@ def _cosine(start: float, end: float, fraction: float) -> float:
 def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
     """The lr at an optimizer step: a pure function of the step, so resume needs no scheduler state.
 
-    onecycle = torch's OneCycleLR (cosine from peak/25 up to peak, then down to peak/25/1e4);
+    onecycle = torch's OneCycleLR (cosine from peak/25 up to peak, then down to peak/25/1e4), except
+    when the warm-up is shorter than one step (warmup_fraction * total < 1, e.g. warmup_fraction=0):
+    step 0 is then the peak, where torch starts a little below it (and divides by zero at total = 4);
     cosine = torch's CosineAnnealingLR to 0; constant = the peak."""
     peak, sched = cfg.optim.lr, cfg.schedule
     if sched.name == "constant":
