@@ -64,11 +64,13 @@ def main() -> None:
     targets = [Target("test accuracy (lowest run)", accuracy, 0.985, higher_is_better=True),
                Target("training wall time (slowest run)", seconds, 60, higher_is_better=False, unit=" s")]
     bf16 = cpu_has_native_bf16()
-    report("tandem demo, the user's command", ["measure"] + [f"seed {r['seed']}" for r in runs], rows,
+    passed = report("tandem demo, the user's command", ["measure"] + [f"seed {r['seed']}" for r in runs], rows,
            targets, args.json, {"cpu_native_bf16": bf16, "epochs_override": args.epochs, "runs": runs})
     if not args.json:
         used = sorted({r["precision"] for r in runs})
         print(f"\nCPU native bf16 (AMX or AVX512-BF16): {'yes' if bf16 else 'no'}; training ran in {', '.join(used)}")
+    if not passed:
+        raise SystemExit(1)  # a missed target fails the run (and `make bench`)
 
 
 if __name__ == "__main__":

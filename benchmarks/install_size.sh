@@ -28,7 +28,7 @@ for extra in infer all; do
     echo "installing .[$extra] into a fresh venv ..." >&2
     start=$(date +%s.%N)
     "$venv/bin/python" -m pip install --quiet --no-cache-dir -c constraints.txt ".[$extra]" >&2
-    seconds=$(echo "$(date +%s.%N) - $start" | bc)
+    seconds=$("$PYTHON" -c "import sys; print(float(sys.argv[2]) - float(sys.argv[1]))" "$start" "$(date +%s.%N)")
     site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     megabytes=$(du -sm "$site" | cut -f1)
     # pip and setuptools come with every venv, not with tandem.
