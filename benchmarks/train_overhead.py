@@ -90,8 +90,8 @@ def main() -> None:
 
     from tandem.config import TrainConfig
     from tandem.data import load_dataset, split_dataset
-    from tandem.runtime.preprocess import preprocess
     from tandem.train.device import autocast_dtype, pick_device, pick_precision
+    from tandem.train.loop import to_tensors
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,8 +103,7 @@ def main() -> None:
 
     train_split = split_dataset(load_dataset(cfg.data.source, cfg.data.image_size, cfg.data.channels),
                                 cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed).train
-    x = torch.from_numpy(preprocess(train_split.pixels, cfg.data.mean, cfg.data.std)).to(device)
-    y = torch.from_numpy(train_split.labels).to(device)
+    x, y = to_tensors(train_split, cfg, device)  # the loop's own preprocessing
     background = (0 - cfg.data.mean) / cfg.data.std  # a black pixel after preprocessing, as tandem pads
 
     plain_loop(x, y, 3, cfg, device, amp_dtype, background)  # warm-up: oneDNN builds its kernels on first use

@@ -102,9 +102,9 @@ def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: 
 
     out = Path(out)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if quiet else print
-    cfg = TrainConfig(out_dir=str(out / "run"), progress=not quiet, seed=seed, precision=precision)
-    if epochs is not None:
-        cfg.epochs = epochs
+    # Through the constructor, so the config validates every value, epochs included.
+    cfg = TrainConfig(out_dir=str(out / "run"), progress=not quiet, seed=seed, precision=precision,
+                      **({"epochs": epochs} if epochs is not None else {}))
     if (out / "run").exists():
         shutil.rmtree(out / "run")  # a demo always starts fresh
     log("== 1. training system: train the default cnn on the embedded animals")
