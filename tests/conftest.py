@@ -33,6 +33,18 @@ def run_tandem(*args: str, timeout: float = 300, check: bool = False, env: dict 
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_decode_cache(tmp_path_factory):
+    """Decoded folders are cached; tests keep theirs out of the user's ~/.cache."""
+    old = os.environ.get("TANDEM_CACHE_DIR")
+    os.environ["TANDEM_CACHE_DIR"] = str(tmp_path_factory.mktemp("decode-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TANDEM_CACHE_DIR", None)
+    else:
+        os.environ["TANDEM_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def small_npz(tmp_path_factory) -> Path:
     """600 real animal images (60 per class) as an .npz with class names."""

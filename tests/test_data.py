@@ -1,4 +1,7 @@
-"""Data: folders, .npz, the embedded animals; dedupe before a seeded stratified split; clear errors."""
+"""Data: folders, .npz, the embedded animals; dedupe before a seeded stratified split; clear errors; the
+decode cache (a second load decodes nothing, any change to a file decodes again, damage is a miss)."""
+
+import os
 
 import numpy as np
 import pytest
@@ -6,7 +9,15 @@ from PIL import Image
 
 from conftest import animals
 from tandem.data import ANIMAL_CLASSES, load_dataset, split_dataset
+from tandem.data.cache import cache_file
 from tandem.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    """Each test its own decode cache: none reads another's, none writes to ~/.cache."""
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def make_folder(root, per_class=4, classes=("cat", "dog"), rgb=False):
@@ -88,3 +99,65 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "one.npz", x=np.arange(4 * 64, dtype=np.uint8).reshape(4, 8, 8), y=np.zeros(4, np.int64))
     with pytest.raises(UserError, match="at least two"):
         split_dataset(load_dataset(str(tmp_path / "one.npz"), 8, 1), 0.1, 0.2, 0)
+
+
+def test_npz_of_floats_or_channel_first_reads_like_uint8(tmp_path, small_npz):
+    with np.load(small_npz) as arrays:
+        x, y = arrays["x"], arrays["y"]
+    reference = load_dataset(str(small_npz), 28, 1).pixels
+    np.savez(tmp_path / "floats.npz", x=(x / 255.0).astype(np.float32), y=y)  # 0..1, as most pipelines hold them
+    assert np.array_equal(load_dataset(str(tmp_path / "floats.npz"), 28, 1).pixels, reference)
+    np.savez(tmp_path / "nchw.npz", x=x[:, None], y=y)
+    assert np.array_equal(load_dataset(str(tmp_path / "nchw.npz"), 28, 1).pixels, reference)
+    np.savez(tmp_path / "scaled.npz", x=x / 127.5 - 1, y=y)  # normalised values: refused, not guessed
+    assert "float pixel values must lie in 0..1" in _error(tmp_path / "scaled.npz")
+
+
+def test_second_load_of_a_folder_comes_from_the_cache_until_a_file_changes(tmp_path, cache_dir):
+    root = make_folder(tmp_path / "data", per_class=8, rgb=True)  # 16 files: decoded by a pool of 2
+    first = load_dataset(str(root), 32, 3, workers=2)
+    assert first.decode == {**first.decode, "files": 16, "images": 16, "decoded": 16, "from_cache": False, "workers": 2}
+    assert first.describe_decode().startswith("decoded 16 images in ") and "with 2 processes" in first.describe_decode()
+    again = load_dataset(str(root), 32, 3)
+    assert again.decode["decoded"] == 0 and again.decode["from_cache"]
+    assert again.describe_decode().startswith("16 images from the decode cache in ")
+    assert np.array_equal(again.pixels, first.pixels) and np.array_equal(again.labels, first.labels)
+    assert again.classes == first.classes
+    assert load_dataset(str(root), 32, 3, resize="pad").decode["decoded"] == 16  # other settings, other entry
+    # Touched (same bytes, new mtime): decoded again.
+    victim = root / "dog" / "003.jpg"
+    stat = victim.stat()
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert load_dataset(str(root), 32, 3).decode["decoded"] == 16
+    # Replaced by another picture: decoded again, and the new pixels are the ones served.
+    Image.new("RGB", (40, 33), (255, 0, 0)).save(victim)
+    replaced = load_dataset(str(root), 32, 3)
+    red = replaced.pixels[8 + 3].astype(int)  # dog/003.jpg, the 4th file of the 2nd class
+    assert replaced.decode["decoded"] == 16 and red[..., 0].min() > 240 and red[..., 1:].max() < 15
+    # A truncated cache file (a crash mid-write by another tool) is a miss, then rewritten.
+    entry = cache_file(root, {"size": 32, "channels": 3, "resize": "crop", "skip_bad_files": False})
+    assert entry.parent == cache_dir / "datasets"
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    assert load_dataset(str(root), 32, 3).decode["decoded"] == 16
+    assert load_dataset(str(root), 32, 3).decode["from_cache"]
+
+
+def test_unwritable_cache_warns_and_goes_on(tmp_path, monkeypatch, capsys):
+    root = make_folder(tmp_path / "data")
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    data = load_dataset(str(root), 28, 1)
+    assert len(data) == 8 and data.decode["decoded"] == 8
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write the decode cache" in err and "TANDEM_CACHE_DIR" in err
+
+
+def test_skipped_files_are_cached_and_still_reported(tmp_path, capsys):
+    root = make_folder(tmp_path / "data")
+    (root / "cat" / "broken.png").write_bytes(b"not a png")
+    assert load_dataset(str(root), 28, 1, skip_bad_files=True).decode["decoded"] == 8
+    cached = load_dataset(str(root), 28, 1, skip_bad_files=True)
+    assert cached.decode["from_cache"] and len(cached) == 8
+    warning = f"skipped 1 unreadable image(s), first {root / 'cat' / 'broken.png'}"
+    assert capsys.readouterr().err.count(warning) == 2  # once per load, from the cache too
+    assert "data.skip_bad_files=true" in _error(root)  # without the setting: still an error, cache or not

@@ -14,6 +14,7 @@ from tandem.bundle import read_manifest
 from tandem.errors import UserError
 from tandem.export.onnx_bundle import build_model
 from tandem.runtime import Predictor
+from tandem.images import to_pixels
 from tandem.runtime.preprocess import preprocess
 from tandem.config import TrainConfig
 from safetensors.torch import load_file
@@ -61,8 +62,85 @@ def test_rgb_and_odd_sizes_are_converted(tiny_bundle):
     x, _ = animals(1, classes=1)
     big_rgb = np.asarray(Image.fromarray(x[0]).convert("RGB").resize((56, 56)))
     assert predictor.pixels(big_rgb).shape == (1, 28, 28, 1)
-    with pytest.raises(UserError, match="0..255"):
+    with pytest.raises(UserError, match="float pixel values must lie in 0..1"):
         predictor.logits(np.full((28, 28), 300.0))
+
+
+def test_preprocess_per_channel_against_a_hand_computed_reference():
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    expected = np.empty((2, 3, 3, 4))
+    for n, h, w, c in np.ndindex(*pixels.shape):
+        expected[n, c, h, w] = (pixels[n, h, w, c] / 255 - mean[c]) / std[c]
+    np.testing.assert_allclose(preprocess(pixels, mean, std), expected, atol=1e-6)
+    assert preprocess(pixels, mean, std).dtype == np.float32 and preprocess(pixels, mean, std).flags.c_contiguous
+    np.testing.assert_allclose(preprocess(pixels, 0.5, std), preprocess(pixels, [0.5] * 3, std), atol=0)
+    np.testing.assert_allclose(preprocess(pixels, [0.4], [0.3]), preprocess(pixels, 0.4, 0.3), atol=0)
+    for mean, std, message in [(0.5, 0.0, "std must be finite and > 0"), ([0.1, 0.2], 0.5, "has 2 values"),
+                               (0.5, [1, 2, 3, 4], "one per channel \\(3\\)")]:
+        with pytest.raises(UserError, match=message):
+            preprocess(pixels, mean, std)
+
+
+def test_manifest_preprocessing_per_channel_lists_and_resize(tiny_bundle):
+    predictor = Predictor.load(tiny_bundle)
+    manifest = read_manifest(tiny_bundle)
+    x, _ = animals(1)
+    wide = np.zeros((28, 56), np.uint8)
+    wide[:, :8] = 255
+    as_lists = {**manifest["preprocessing"], "mean": [0.5], "std": [0.5], "resize": "pad"}
+    other = Predictor(predictor.session, {**manifest, "preprocessing": as_lists})
+    np.testing.assert_allclose(other.logits(x), predictor.logits(x), atol=0)
+    assert np.array_equal(other.pixels(wide), to_pixels(wide, 28, 1, "pad"))
+    for legacy in ("bilinear", None):  # bundles from before resize modes squashed every image
+        pre = {key: value for key, value in manifest["preprocessing"].items() if key != "resize"}
+        pre = {**pre, "resize": legacy} if legacy else pre
+        old = Predictor(predictor.session, {**manifest, "preprocessing": pre})
+        assert old.resize == "squash" and np.array_equal(old.pixels(wide), to_pixels(wide, 28, 1, "squash"))
+    for bad, message in [({"resize": "zoom"}, "upgrade tandem"), ({"std": 0}, "std must be finite and > 0"),
+                         ({"mean": [0.1, 0.2]}, "has 2 values")]:
+        with pytest.raises(UserError, match=message):
+            Predictor(predictor.session, {**manifest, "preprocessing": {**manifest["preprocessing"], **bad}})
+
+
+def _write_pngs(folder, images):
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"{i:02d}.png")
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def test_predict_files_reports_a_bad_file_and_classifies_the_rest_in_order(tiny_bundle, tmp_path):
+    predictor = Predictor.load(tiny_bundle)
+    x, _ = animals(2)  # 20 images: decoded by a pool of 2 processes
+    paths = _write_pngs(tmp_path / "photos", x)
+    paths[7].write_bytes(b"not a png")
+    expected = predictor.top_k(np.delete(x, 7, axis=0), k=3)
+    results = list(predictor.predict_files([tmp_path / "photos"], k=3, workers=2))
+    assert [path for path, _, _ in results] == paths
+    path, preds, error = results[7]
+    assert preds is None and str(paths[7]) in error and "fix or remove the file" in error
+    got = [preds for _, preds, _ in results if preds is not None]
+    assert [[p.index for p in preds] for preds in got] == [[p.index for p in preds] for preds in expected]
+    np.testing.assert_allclose([[p.probability for p in preds] for preds in got],
+                               [[p.probability for p in preds] for preds in expected], atol=1e-6)
+    with pytest.raises(UserError, match="07.png"):  # predict_paths: the first bad file stops it, as before
+        predictor.predict_paths([tmp_path / "photos"], k=3)
+
+
+def test_predict_files_streams_results_before_later_files_are_read(tiny_bundle, tmp_path):
+    predictor = Predictor.load(tiny_bundle)
+    x, _ = animals(4)
+    paths = _write_pngs(tmp_path / "photos", x)  # 40 files, decoded in this process: 8 at a time
+    stream = predictor.predict_files([tmp_path / "photos"], k=1, workers=1)
+    first = next(stream)
+    assert first[0] == paths[0] and first[1][0].index == predictor.top_k(x[:1], k=1)[0][0].index
+    paths[-1].write_bytes(b"damaged after the first answer")  # not read yet, so the stream sees the damage
+    rest = list(stream)
+    assert len(rest) == 39 and rest[-1][1] is None and str(paths[-1]) in rest[-1][2]
+    assert all(error is None for _, _, error in rest[:-1])
 
 
 @pytest.mark.parametrize("damage", ["flip-a-byte", "delete", "manifest"])

@@ -13,7 +13,8 @@ def _no_torch_after(code: str) -> None:
 
 
 def test_torch_free_modules_import_no_torch():
-    _no_torch_after("import tandem.runtime, tandem.bundle, tandem.config, tandem.data, tandem.cli, tandem.runtime.preprocess")
+    _no_torch_after("import tandem.runtime, tandem.bundle, tandem.config, tandem.data, tandem.cli, "
+                    "tandem.runtime.preprocess, tandem.images, tandem.data.cache")
 
 
 def test_predicting_a_bundle_imports_no_torch(tiny_bundle, tmp_path):

@@ -1,19 +1,25 @@
 """Load a bundle (hashes verified) and classify arrays, PIL images, files and folders. Never imports torch.
 
     tandem predict bundle/ cat.png photos/ --top-k 3 [--json]
+
+    predictor = Predictor.load("bundle/")
+    predictor.top_k([array, pil_image, "cat.png"], k=3)             # any image form, in memory
+    for path, preds, error in predictor.predict_files(["photos/"]):  # files and folders, streamed
+        print(path, preds[0].label if preds else error)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from tandem.bundle import read_manifest
+from tandem.bundle import read_bundle_file, read_manifest, verify_bundle_signature
 from tandem.errors import UserError
-from tandem.runtime.preprocess import expand_paths, preprocess, to_pixels
+from tandem.images import RESIZE_MODES, decode_file_batches, expand_paths, to_pixels
+from tandem.runtime.preprocess import preprocess
 
 
 @dataclass(frozen=True)
@@ -39,35 +45,60 @@ class Predictor:
         self.labels: list[str] = manifest["labels"]
         pre = manifest["preprocessing"]
         self.image_size, self.channels = int(pre["image_size"]), int(pre["channels"])
-        self.mean, self.std = float(pre["mean"]), float(pre["std"])
+        # One number, or one per channel: either is what preprocess takes.
+        self.mean: float | list[float] = _number_or_list(pre["mean"])
+        self.std: float | list[float] = _number_or_list(pre["std"])
+        preprocess(np.zeros((1, 1, 1, self.channels), np.uint8), self.mean, self.std)  # a bad manifest fails here
+        # Bundles made before resize modes resized every image to a square ("resize": "bilinear" or nothing).
+        resize = pre.get("resize", "squash")
+        self.resize: str = "squash" if resize == "bilinear" else resize
+        if self.resize not in RESIZE_MODES:
+            raise UserError(f"the bundle's preprocessing.resize is {resize!r}; this tandem knows "
+                            f"{', '.join(RESIZE_MODES)}: upgrade tandem to run it")
         self.input_name = manifest["inputs"][0]["name"]
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, bundle: str | Path, verify: bool = True, threads: int | None = None,
-             batch_size: int = 256) -> "Predictor":
-        """Verify every file's sha256 (unless verify=False), then open model.onnx in ONNX Runtime."""
+    def load(cls, bundle: str | Path, verify: bool = True, threads: int | None = None, batch_size: int = 256,
+             providers: list | None = None, session_options: Any = None,
+             trusted_key: str | Path | None = None) -> "Predictor":
+        """Check the bundle, then open model.onnx in ONNX Runtime from the very bytes that were checked.
+
+        trusted_key: a public key (PEM); the bundle must carry a signature by it (see `tandem keygen`).
+        verify: check every listed file's sha256 (False skips the files the runtime does not read;
+        model.onnx is always checked). providers / session_options: passed to ONNX Runtime, for other
+        execution providers (default: the CPU, with the memory arena off and no busy-waiting threads).
+        """
         import onnxruntime as ort
 
         bundle = Path(bundle)
+        if trusted_key is not None:
+            verify_bundle_signature(bundle, trusted_key)  # origin first: the manifest read next is the signed one
         manifest = read_manifest(bundle, verify=verify)
-        options = ort.SessionOptions()
-        # The arena keeps every peak allocation for ever; without it RSS follows the work (onnxruntime #11627).
-        options.enable_cpu_mem_arena = False
+        model = read_bundle_file(bundle, manifest, "model.onnx")
+        options = session_options
+        if options is None:
+            options = ort.SessionOptions()
+            # The arena keeps every peak allocation for ever; without it RSS follows the work (onnxruntime #11627).
+            options.enable_cpu_mem_arena = False
+            # Spinning threads would take the cores from the processes decoding the next images.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         try:
-            session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types
-            raise UserError(f"bundle {bundle}: ONNX Runtime cannot load model.onnx ({err})") from None
+            raise UserError(f"bundle {bundle}: ONNX Runtime cannot load model.onnx ({str(err).splitlines()[0]})") from None
         return cls(session, manifest, batch_size)
 
     def pixels(self, images: Any) -> np.ndarray:
-        """Any supported image form -> uint8 (N, H, W, C) at the bundle's size and channels."""
-        return to_pixels(images, self.image_size, self.channels)
+        """Any supported image form -> uint8 (N, H, W, C) at the bundle's size, channels and resize mode."""
+        return to_pixels(images, self.image_size, self.channels, self.resize)
 
     def logits(self, images: Any) -> np.ndarray:
-        pixels = self.pixels(images)
+        return self._logits(self.pixels(images))
+
+    def _logits(self, pixels: np.ndarray) -> np.ndarray:
         out = [self.session.run(None, {self.input_name: preprocess(pixels[i:i + self.batch_size], self.mean, self.std)})[0]
                for i in range(0, len(pixels), self.batch_size)]
         return np.concatenate(out)
@@ -76,18 +107,73 @@ class Predictor:
         return softmax(self.logits(images))
 
     def top_k(self, images: Any, k: int = 5) -> list[list[Prediction]]:
-        if k < 1:
-            raise UserError(f"top-k must be at least 1, got {k}")
-        probs = self.probabilities(images)
+        _check_k(k)
+        return self._top_k(softmax(self.logits(images)), k)
+
+    def _top_k(self, probs: np.ndarray, k: int) -> list[list[Prediction]]:
         k = min(k, probs.shape[1])
         best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[Prediction(self.labels[j], int(j), float(row[j])) for j in order] for row, order in zip(probs, best)]
 
-    def predict_paths(self, paths: list[str | Path], k: int = 5) -> list[tuple[Path, list[Prediction]]]:
-        """Files and folders (recursively) -> (file, top-k) in a stable order, in batches."""
-        files = expand_paths(paths)
+    def predict_files(self, paths: Iterable[str | Path], k: int = 5,
+                      workers: int | None = None) -> Iterator[tuple[Path, list[Prediction] | None, str | None]]:
+        """Files and folders (recursively, sorted) -> (file, top-k, None), or (file, None, message) for a file
+        that cannot be read, in input order, streamed: each batch is classified as soon as it is decoded.
+
+        Decoding runs in `workers` processes (default: every CPU; see tandem.images.decode_files). A bad file
+        does not stop the rest: count the messages and decide at the end.
+        """
+        _check_k(k)
+        files = expand_paths(paths)  # before the first result: a missing path is a mistake in the command
+        return self._stream(files, k, workers)
+
+    def _stream(self, files: list[Path], k: int,
+                workers: int | None) -> Iterator[tuple[Path, list[Prediction] | None, str | None]]:
+        # Classify whatever the decoder hands over (up to 16 files at a time): no result waits for a full batch.
+        chunks = decode_file_batches(files, self.image_size, self.channels, self.resize, workers)
+        try:
+            for chunk in chunks:
+                ready: list[tuple[Path, np.ndarray]] = []
+                for path, pixels, error in chunk:
+                    if pixels is not None:
+                        ready.append((path, pixels))
+                        continue
+                    yield from self._classify(ready, k)  # the files before the bad one, in order
+                    ready = []
+                    yield path, None, error
+                yield from self._classify(ready, k)
+        finally:
+            chunks.close()  # stops the decoding pool when the caller stops early
+
+    def _classify(self, ready: list[tuple[Path, np.ndarray]], k: int) -> Iterator[tuple[Path, list[Prediction], None]]:
+        if ready:
+            probs = softmax(self._logits(np.stack([pixels for _, pixels in ready])))
+            for (path, _), preds in zip(ready, self._top_k(probs, k)):
+                yield path, preds, None
+
+    def predict_paths(self, paths: Iterable[str | Path], k: int = 5,
+                      workers: int | None = None) -> list[tuple[Path, list[Prediction]]]:
+        """Files and folders (recursively) -> [(file, top-k)] in a stable order; the first unreadable file
+        raises a UserError naming it (use predict_files to go on past bad files)."""
         results = []
-        for i in range(0, len(files), self.batch_size):
-            chunk = files[i:i + self.batch_size]
-            results.extend(zip(chunk, self.top_k(chunk, k)))
+        stream = self.predict_files(paths, k, workers)
+        try:
+            for path, preds, error in stream:
+                if error is not None:
+                    raise UserError(error)
+                results.append((path, preds))
+        finally:
+            stream.close()
         return results
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise UserError(f"top-k must be at least 1, got {k}")
+
+
+def _number_or_list(value: Any) -> float | list[float]:
+    try:
+        return [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"the bundle's preprocessing mean/std must be numbers, got {value!r}") from None

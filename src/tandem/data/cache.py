@@ -1,0 +1,102 @@
+"""The decode cache: a folder's decoded pixels kept on disk, so `train --resume` and `export` do not decode
+the same photos again. Torch-free.
+
+    key = content_key(root, files, classes, settings)    # sha256 over the settings and every file's stat
+    data = read_cache(cache_file(root, settings), key)   # DecodedFolder, or None on a miss
+    write_cache(cache_file(root, settings), key, data)   # atomic; a warning (not an error) if it cannot
+
+Where: $TANDEM_CACHE_DIR, else $XDG_CACHE_HOME/tandem, else ~/.cache/tandem (sub-folder `datasets/`).
+One uncompressed .npz per folder and decode settings, read without pickle. The key covers the cache
+format, the settings (size, channels, resize, skip_bad_files), the class folder names and every file's
+relative path, byte size and mtime_ns: adding, removing, touching or replacing a file is a miss, and the
+stale entry is overwritten rather than left to pile up. A damaged cache file is a miss, never an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CACHE_FORMAT = 1  # bump when the decoding changes what the same file decodes to
+
+
+@dataclass
+class DecodedFolder:
+    pixels: np.ndarray  # uint8 (N, size, size, channels)
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+    skipped: list[str]  # files that could not be read (with skip_bad_files)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("TANDEM_CACHE_DIR"):
+        return Path(os.environ["TANDEM_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "tandem"
+
+
+def cache_file(root: Path, settings: dict) -> Path:
+    """Where the entry for this folder and these settings lives (the key inside says whether it is current)."""
+    slot = json.dumps({"root": str(Path(root).resolve()), **settings}, sort_keys=True)
+    return cache_dir() / "datasets" / f"{hashlib.sha256(slot.encode()).hexdigest()[:32]}.npz"
+
+
+def content_key(root: Path, files: list[Path], classes: list[str], settings: dict) -> str:
+    """sha256 over the cache format, the settings, the class names and each file's path, size and mtime."""
+    header = {"format": CACHE_FORMAT, "classes": classes, **settings}
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for path in files:
+        try:
+            stat = path.stat()
+            entry = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+        except OSError:  # vanished since it was listed: decoding will name it
+            entry = f"{path.relative_to(root).as_posix()}\0missing\n"
+        digest.update(entry.encode())
+    return digest.hexdigest()
+
+
+def read_cache(path: Path, key: str) -> DecodedFolder | None:
+    """The cached data if `path` holds an intact entry for `key`, else None (missing, stale or damaged)."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if str(arrays["key"]) != key:
+                return None
+            data = DecodedFolder(arrays["pixels"], arrays["labels"].astype(np.int64),
+                                 [str(c) for c in arrays["classes"]], [str(s) for s in arrays["skipped"]])
+    except Exception:  # noqa: BLE001 - any damage (truncated zip, missing array, bad header) is just a miss
+        return None
+    if data.pixels.dtype != np.uint8 or data.pixels.ndim != 4 or len(data.pixels) != len(data.labels):
+        return None
+    return data
+
+
+def write_cache(path: Path, key: str, data: DecodedFolder) -> bool:
+    """Store atomically (temporary name in the same folder, fsync, rename). A cache that cannot be written
+    costs only time: warn on stderr and return False."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
+            tmp = Path(f.name)
+            # str arrays are stored as fixed-width unicode, so reading needs no pickle.
+            np.savez(f, key=np.array(key), pixels=data.pixels, labels=data.labels.astype(np.int64),
+                     classes=np.array(data.classes, dtype=str), skipped=np.array(data.skipped, dtype=str))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return True
+    except OSError as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        print(f"warning: cannot write the decode cache in {path.parent} ({err.strerror or err}); decoding again "
+              "next time. Set TANDEM_CACHE_DIR to a writable folder to keep it", file=sys.stderr)
+        return False

@@ -1,0 +1,373 @@
+"""Decode images (files, arrays, PIL images) into uint8 pixels, and find image files. Torch-free.
+
+    from tandem.images import decode_files, expand_paths, to_pixels
+    pixels = to_pixels(["cat.jpg", array, pil_image], size=64, channels=3, resize="crop")  # uint8 (N, 64, 64, 3)
+    for path, pixels, error in decode_files(expand_paths(["photos/"]), 64, 3):  # a process pool, input order
+        ...
+
+How values are read, never guessed: uint8 as is; uint16 arrays and 16-bit PNGs as 0..65535 (rescaled,
+value / 257); other integers must lie in 0..255; floats must lie in 0..1 (plt.imread, scikit-image);
+anything else is refused with a message saying what to pass. EXIF orientation is applied. Non-square
+images are cropped to their centre square, padded with black, or squashed (`RESIZE_MODES`); alpha and
+palettes are flattened onto black, the background of the embedded animals. Files, PIL images and arrays
+all go through the same function, so training and prediction see the same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from tandem.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+RESIZE_MODES = ("squash", "crop", "pad")
+# Pillow's modes for 16-bit greyscale PNGs (and "I", how older Pillows open them): 0..65535.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+POOL_MIN_FILES = 16  # below this, starting worker processes costs more than it saves
+
+_MOVE_CHANNELS = "np.moveaxis(a, 0, -1) for one channel-first image, a[..., None] for a batch of grey images"
+
+
+def check_resize(resize: str) -> str:
+    if resize not in RESIZE_MODES:
+        raise UserError(f"resize must be one of {', '.join(RESIZE_MODES)}; got {resize!r}")
+    return resize
+
+
+# --- pixel values -------------------------------------------------------------------------------------
+
+
+def as_uint8(array: np.ndarray) -> np.ndarray:
+    """Pixel values of any dtype -> uint8 0..255 by the rules in the module docstring, or a UserError."""
+    if array.dtype == np.uint8 or array.size == 0:
+        return array.astype(np.uint8, copy=False)
+    if array.dtype == np.bool_:
+        raise UserError("boolean arrays are not images; pass uint8 0..255 (e.g. mask.astype(np.uint8) * 255)")
+    if array.dtype == np.uint16:
+        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(value / 257): 65535 -> 255
+    if np.issubdtype(array.dtype, np.integer):
+        lo, hi = int(array.min()), int(array.max())
+        if lo < 0 or hi > 255:
+            raise UserError(f"integer pixel values must lie in 0..255 (or be uint16 for 16-bit images); got {lo}..{hi}")
+        return array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        lo, hi = float(np.min(array)), float(np.max(array))
+        if not (lo >= 0.0 and hi <= 1.0):  # NaN fails this too
+            raise UserError(f"float pixel values must lie in 0..1, got {lo:g}..{hi:g}; pass floats in 0..1, or uint8 "
+                            "0..255 (for 0..255 floats: a.round().astype(np.uint8)), not normalised values")
+        return np.rint(array * 255.0).astype(np.uint8)
+    raise UserError(f"images must be numeric pixel arrays, got dtype {array.dtype}")
+
+
+# --- one PIL image -> uint8 (size, size, channels) -----------------------------------------------------
+
+
+def _eight_bit(image: Any) -> Any:
+    """Any PIL mode -> "L" or "RGB" with 8-bit values, rescaling 16-bit and flattening alpha onto black."""
+    from PIL import Image
+
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
+        values = np.asarray(image)
+        if image.mode in SIXTEEN_BIT_MODES:
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise UserError(f"{image.mode} image values must lie in 0..65535, got {values.min()}..{values.max()}")
+            values = values.astype(np.uint16)
+        return Image.fromarray(as_uint8(values))
+    if image.mode == "1":
+        return image.convert("L")
+    if "A" in image.getbands() or "a" in image.getbands() or image.mode == "P":
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image).convert("RGB")
+    return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+
+
+def _upright(image: Any, in_place: bool) -> Any:
+    """Apply the EXIF orientation (phone photos are often stored sideways with a tag saying so)."""
+    from PIL import ImageOps
+
+    if image.getexif().get(0x0112, 1) in (1, None):  # 0x0112: Orientation
+        return image
+    if in_place:
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _square(image: Any, size: int, resize: str) -> Any:
+    from PIL import Image, ImageOps
+
+    if image.size == (size, size):
+        return image
+    if resize == "squash" or image.width == image.height:
+        return image.resize((size, size), Image.Resampling.BILINEAR)
+    if resize == "crop":
+        return ImageOps.fit(image, (size, size), Image.Resampling.BILINEAR)
+    return ImageOps.pad(image, (size, size), Image.Resampling.BILINEAR, color=0)
+
+
+def fit_pil(image: Any, size: int, channels: int, resize: str = "crop", in_place: bool = False) -> np.ndarray:
+    """One PIL image -> uint8 (size, size, channels): upright, 8-bit, flattened, converted, resized.
+
+    in_place=True lets the EXIF turn modify `image` (for images this module opened itself).
+    """
+    return _finish(_upright(image, in_place), size, channels, resize)
+
+
+def _finish(image: Any, size: int, channels: int, resize: str) -> np.ndarray:
+    image = _square(_eight_bit(image).convert("L" if channels == 1 else "RGB"), size, resize)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _draft(image: Any, size: int, channels: int, resize: str) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling) when that keeps >= 2x the pixels needed.
+
+    crop and squash need both sides >= 2 * size; pad needs the long side >= 2 * size. A no-op for other
+    formats. Asking for "L" decodes only the luma channel (JPEG's Y is the same ITU-R 601 luma as convert("L")).
+    """
+    width, height = image.size
+    scale = 2 * size / (max(width, height) if resize == "pad" else min(width, height))
+    image.draft("L" if channels == 1 else "RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+
+
+def load_image(path: str | Path, size: int, channels: int, resize: str = "crop") -> np.ndarray:
+    """Read one image file -> uint8 (size, size, channels). Raises a UserError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            _draft(image, size, channels, resize)  # before load, and before the EXIF turn: scale is orientation-free
+            image.load()
+            return fit_pil(image, size, channels, resize, in_place=True)
+    except FileNotFoundError:
+        raise UserError(f"image {path} does not exist") from None
+    except UserError as err:
+        raise UserError(f"image {path}: {err}") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as err:
+        raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
+
+
+# --- arrays and mixed inputs ---------------------------------------------------------------------------
+
+
+def _fit_array(array: np.ndarray, size: int, channels: int, resize: str) -> np.ndarray:
+    """One uint8 image (H, W) or (H, W, 1|3|4) -> uint8 (size, size, channels); PIL only when needed."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.shape[:2] == (size, size):
+        if array.ndim == 2:
+            # L -> RGB in Pillow repeats the value, so this is what the PIL path would give.
+            return array[..., None] if channels == 1 else np.repeat(array[..., None], 3, axis=-1)
+        if channels == 3 and array.shape[-1] == 3:
+            return array
+    from PIL import Image
+
+    return _finish(Image.fromarray(np.ascontiguousarray(array)), size, channels, resize)  # arrays carry no EXIF
+
+
+def batch_pixels(batch: np.ndarray, size: int, channels: int, resize: str = "crop") -> np.ndarray:
+    """A known batch (N, H, W), (N, H, W, C) or (N, C, H, W) -> uint8 (N, size, size, channels).
+
+    For data sets: the first axis is always the batch. Values are checked once for the whole batch, and
+    a batch that already has the right size and channels is not touched image by image.
+    """
+    check_resize(resize)
+    if batch.ndim == 4 and batch.shape[1] in (1, 3, 4) and batch.shape[-1] not in (1, 3, 4):
+        batch = batch.transpose(0, 2, 3, 1)  # NCHW, as tensor pipelines hold images
+    if batch.ndim not in (3, 4) or (batch.ndim == 4 and batch.shape[-1] not in (1, 3, 4)):
+        raise UserError(f"an image batch must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 3, 4; "
+                        f"got shape {batch.shape}")
+    batch = as_uint8(batch)
+    if batch.ndim == 4 and batch.shape[-1] == 1:
+        batch = batch[..., 0]
+    if batch.shape[1:3] == (size, size):
+        if batch.ndim == 3:
+            return np.ascontiguousarray(batch[..., None] if channels == 1 else np.repeat(batch[..., None], 3, axis=-1))
+        if channels == 3 and batch.shape[-1] == 3:
+            return np.ascontiguousarray(batch)
+    out = np.empty((len(batch), size, size, channels), np.uint8)
+    for i, image in enumerate(batch):
+        out[i] = _fit_array(image, size, channels, resize)
+    return out
+
+
+def _one_image(array: np.ndarray) -> np.ndarray:
+    """An array known to hold one image (a list item) -> (H, W[, C]); channel-first is unambiguous here."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
+        return as_uint8(array)
+    raise UserError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got {array.shape}")
+
+
+def _as_batch(array: np.ndarray) -> np.ndarray:
+    """A bare array -> a batch: (H, W) and (H, W, C) are one image; (3, H, W) is refused as ambiguous."""
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
+        return array[None]  # one image (no real image is 1, 3 or 4 pixels wide)
+    if array.ndim == 3 and array.shape[0] in (3, 4):
+        raise UserError(f"an array of shape {array.shape} is either one channel-first image or {array.shape[0]} "
+                        f"grey images; say which: {_MOVE_CHANNELS}")
+    return array  # (N, H, W) grey images (including (1, H, W)), or 4-d: decided by batch_pixels
+
+
+def _is_pil(item: Any) -> bool:
+    return hasattr(item, "getbands") and hasattr(item, "mode")
+
+
+def to_pixels(images: Any, size: int, channels: int, resize: str = "crop") -> np.ndarray:
+    """Images in any supported form -> uint8 (N, size, size, channels).
+
+    Accepts a NumPy array of one image (H, W[, C]) or a batch (N, H, W[, C]) or (N, C, H, W), a PIL
+    image, a file path, or a list mixing those (a list item may also be one (C, H, W) image).
+    """
+    check_resize(resize)
+    if isinstance(images, np.ndarray):
+        return batch_pixels(_as_batch(images), size, channels, resize)
+    if isinstance(images, (str, Path)) or _is_pil(images):
+        images = [images]
+    out = []
+    for item in images:
+        if isinstance(item, (str, Path)):
+            out.append(load_image(item, size, channels, resize))
+        elif _is_pil(item):
+            out.append(fit_pil(item, size, channels, resize))
+        elif isinstance(item, np.ndarray):
+            out.append(_fit_array(_one_image(item), size, channels, resize))
+        else:
+            raise UserError(f"cannot treat {type(item).__name__} as an image; pass arrays, PIL images or paths")
+    if not out:
+        raise UserError("no images given")
+    return np.stack(out)
+
+
+# --- many files: a process pool, results in input order -------------------------------------------------
+
+
+def decode_task(paths: list[str], size: int, channels: int, resize: str) -> list[tuple[np.ndarray | None, str | None]]:
+    """The pool's task: decode a few files -> (pixels, None) or (None, one-line message) for each."""
+    results: list[tuple[np.ndarray | None, str | None]] = []
+    for path in paths:
+        try:
+            results.append((load_image(path, size, channels, resize), None))
+        except UserError as err:
+            results.append((None, str(err)))
+    return results
+
+
+def pool_size(n_files: int, workers: int | None = None) -> int:
+    """How many processes `decode_files` decodes `n_files` with (1: in this process, no pool)."""
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if workers <= 1 or n_files < POOL_MIN_FILES else workers
+
+
+Decoded = tuple[Path, np.ndarray | None, str | None]  # (file, pixels, None) or (file, None, message)
+
+
+def decode_files(paths: Iterable[str | Path], size: int, channels: int, resize: str = "crop",
+                 workers: int | None = None) -> Iterator[Decoded]:
+    """Decode image files -> (path, uint8 (size, size, channels), None) or (path, None, message), in input
+    order, each as soon as it and those before it are ready.
+
+    `workers` processes (default: the CPUs this process may use) decode in a pool; fewer than 16 files,
+    or workers=1, decode in this process. One bad file never stops the others. Close the iterator (or
+    leave the `for` loop) to stop early; the pool is shut down then, and on Ctrl-C.
+    """
+    return _one_by_one(decode_file_batches(paths, size, channels, resize, workers))
+
+
+def _one_by_one(chunks: Iterator[list[Decoded]]) -> Iterator[Decoded]:
+    try:
+        for chunk in chunks:
+            yield from chunk
+    finally:
+        chunks.close()  # closing this iterator stops the pool at once, not whenever it is collected
+
+
+def decode_file_batches(paths: Iterable[str | Path], size: int, channels: int, resize: str = "crop",
+                        workers: int | None = None) -> Iterator[list[Decoded]]:
+    """`decode_files`, a list at a time: each list is what one task decoded (up to 16 files), yielded as
+    soon as it is ready, for callers that act on whatever is ready (the predictor's batches)."""
+    check_resize(resize)
+    paths = [Path(p) for p in paths]
+    processes = pool_size(len(paths), workers)
+    if processes == 1:  # small chunks: the caller sees results soon
+        return ([(p, *result) for p, result in zip(part, decode_task([str(p) for p in part], size, channels, resize))]
+                for part in (paths[i:i + 8] for i in range(0, len(paths), 8)))
+    return _decode_in_pool(paths, size, channels, resize, processes)
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C goes to the whole process group; only the parent should act on it (by shutting the pool down).
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _decode_in_pool(paths: list[Path], size: int, channels: int, resize: str, workers: int) -> Iterator[list[Decoded]]:
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # Several paths per task keep the pool's overhead small; at most 16 (about 0.5 s of 12-megapixel JPEGs)
+    # so the first results come soon; at least 4 tasks per worker keep every worker busy to the end.
+    chunk = max(1, min(16, len(paths) // (4 * workers)))
+    chunks = iter([paths[i:i + chunk] for i in range(0, len(paths), chunk)])
+    # Never fork: the training process runs torch threads, and a forked child can deadlock on their locks.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    pending: deque = deque()
+
+    def submit() -> None:
+        part = next(chunks, None)
+        if part is not None:
+            pending.append((part, pool.submit(decode_task, [str(p) for p in part], size, channels, resize)))
+
+    try:
+        for _ in range(4 * workers):  # a bounded window: results wait in memory only this far ahead
+            submit()
+        while pending:
+            part, future = pending.popleft()
+            results = future.result()
+            submit()
+            yield [(path, pixels, error) for path, (pixels, error) in zip(part, results)]
+    except BrokenProcessPool:
+        raise UserError("an image decoding process stopped (out of memory, or a script without "
+                        "`if __name__ == '__main__':`); pass workers=1 to decode in this process") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- finding files ----------------------------------------------------------------------------------------
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly inside a folder, sorted by name."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files stay, folders become their image files (recursively, sorted). Missing paths raise UserError."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"folder {path} has no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path} does not exist; give image files or folders of images")
+    return files
