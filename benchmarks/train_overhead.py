@@ -24,10 +24,12 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
+
 from targets import Target, report
 
 
-def plain_loop(x, y, steps: int, cfg, device, amp_dtype, background: float) -> float:
+def plain_loop(x, y, steps: int, cfg, device, amp_dtype, background) -> float:
     """What a person writes by hand; returns images/s over `steps` optimizer steps."""
     import torch
     import torch.nn.functional as F
@@ -89,9 +91,9 @@ def main() -> None:
     import torch
 
     from tandem.config import TrainConfig
-    from tandem.data import load_dataset, split_dataset
     from tandem.train.device import autocast_dtype, pick_device, pick_precision
-    from tandem.train.loop import to_tensors
+    from tandem.runtime.preprocess import preprocess
+    from tandem.train.loop import load_splits, to_tensors
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,10 +103,9 @@ def main() -> None:
     # tandem turns this on during CPU runs; the plain loop runs under the same setting.
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
 
-    train_split = split_dataset(load_dataset(cfg.data.source, cfg.data.image_size, cfg.data.channels),
-                                cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed).train
-    x, y = to_tensors(train_split, cfg, device)  # the loop's own preprocessing
-    background = (0 - cfg.data.mean) / cfg.data.std  # a black pixel after preprocessing, as tandem pads
+    x, y = to_tensors(load_splits(cfg).train, cfg, device)  # the loop's own data and preprocessing
+    black = np.zeros((1, 1, 1, cfg.data.channels), np.uint8)  # as tandem pads: a black pixel after preprocessing
+    background = torch.from_numpy(preprocess(black, cfg.data.mean, cfg.data.std)[0, :, 0, 0])
 
     plain_loop(x, y, 3, cfg, device, amp_dtype, background)  # warm-up: oneDNN builds its kernels on first use
     plain, tandem, untimed = [], [], []

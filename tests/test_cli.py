@@ -19,7 +19,7 @@ def test_help_is_instant_and_lists_the_commands():
     start = time.perf_counter()
     proc = run_tandem("--help", check=True)
     assert time.perf_counter() - start < 5  # generous for a loaded CI box; the benchmark measures it properly
-    for command in ("demo", "train", "export", "predict", "config"):
+    for command in ("demo", "train", "export", "predict", "config", "keygen"):
         assert command in proc.stdout
     assert run_tandem().returncode == 2
 
@@ -56,12 +56,19 @@ def test_predict_and_export_through_the_command(tiny_run, tiny_bundle, tmp_path)
     for i, image in enumerate(x):
         Image.fromarray(image).save(tmp_path / f"{i}.png")
     proc = run_tandem("predict", str(tiny_bundle), str(tmp_path), "--top-k", "3", "--json", check=True)
-    answers = json.loads(proc.stdout)
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]  # JSON Lines
     assert len(answers) == 10 and all(len(a["top_k"]) == 3 for a in answers)
     text = run_tandem("predict", str(tiny_bundle), str(tmp_path / "0.png"), check=True).stdout
     assert text.startswith(f"{tmp_path / '0.png'}: ") and "%" in text
-    (tmp_path / "bad.png").write_bytes(b"nope")
-    _one_line_error(run_tandem("predict", str(tiny_bundle), str(tmp_path / "bad.png")), "cannot read image")
+    # One unreadable file among good ones: reported and skipped, the rest classified, exit 1 at the end.
+    (tmp_path / "5-bad.png").write_bytes(b"nope")
+    proc = run_tandem("predict", str(tiny_bundle), str(tmp_path), "--json")
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 1 and len(lines) == 11 and "Traceback" not in proc.stderr
+    assert [line["path"] for line in lines] == sorted(line["path"] for line in lines)  # input order
+    bad = [line for line in lines if "error" in line]
+    assert len(bad) == 1 and bad[0]["path"].endswith("5-bad.png") and "cannot read image" in bad[0]["error"]
+    assert "1 file(s) could not be read" in proc.stderr
     _one_line_error(run_tandem("export", str(tiny_run.run_dir), "--out", str(tiny_bundle)), "--force")
     _one_line_error(run_tandem("export", str(tmp_path), "--out", str(tmp_path / "b")), "no usable checkpoint")
 
@@ -79,7 +86,8 @@ def test_train_export_predict_on_a_users_image_folder(tmp_path):
         assert (run / name).is_file(), name
     bundle = tmp_path / "bundle"
     run_tandem("export", str(run), "--out", str(bundle), check=True)
-    answers = json.loads(run_tandem("predict", str(bundle), str(data / "cat"), "--json", check=True).stdout)
+    lines = run_tandem("predict", str(bundle), str(data / "cat"), "--json", check=True).stdout.splitlines()
+    answers = [json.loads(line) for line in lines]
     assert len(answers) == 40
     assert {a["top_k"][0]["label"] for a in answers} <= {"bird", "cat", "horse"}
 

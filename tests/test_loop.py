@@ -59,7 +59,8 @@ def test_grad_accumulation_equals_one_big_batch(small_npz, tmp_path):
 
     whole = _run(small_npz, tmp_path / "whole")
     split = _run(small_npz, tmp_path / "split", optim__grad_accum=4)
-    a, b = load_file(str(whole.checkpoint / "model.safetensors")), load_file(str(split.checkpoint / "model.safetensors"))
+    a = load_file(str(whole.last_checkpoint / "model.safetensors"))
+    b = load_file(str(split.last_checkpoint / "model.safetensors"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
     assert split.metrics["test_accuracy"] == whole.metrics["test_accuracy"]
@@ -76,13 +77,13 @@ def test_early_stopping_stops_when_validation_stalls(small_npz, tmp_path):
 def test_augment_shifts_and_flips_each_image_on_its_own():
     x = torch.zeros(64, 1, 8, 8)
     x[:, :, 3, 2] = 1.0  # one bright pixel, left of centre
-    out = augment(x, shift=2, hflip=True, generator=torch.Generator().manual_seed(0), fill=-1.0)
+    out = augment(x, shift=2, hflip=True, generator=torch.Generator().manual_seed(0), fill=torch.tensor([-1.0]))
     assert out.shape == x.shape
     positions = {tuple((img[0] == 1).nonzero()[0].tolist()) for img in out if (img[0] == 1).any()}
     assert len(positions) > 10  # different images moved differently
     assert all(abs(r - 3) <= 2 and (abs(c - 2) <= 2 or abs(c - 5) <= 2) for r, c in positions)
     assert (out == -1.0).any()  # the uncovered border takes the fill value
-    unchanged = augment(x, shift=0, hflip=False, generator=torch.Generator().manual_seed(0), fill=-1.0)
+    unchanged = augment(x, shift=0, hflip=False, generator=torch.Generator().manual_seed(0), fill=torch.tensor([-1.0]))
     assert torch.equal(unchanged, x)
 
 

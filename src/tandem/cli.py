@@ -2,9 +2,10 @@
 
     tandem demo                               train, export, and classify held-out animals
     tandem train [CONFIG.yaml] [key=value ...] [--resume RUN]
-    tandem export RUN --out BUNDLE
-    tandem predict BUNDLE PATH... [--top-k K] [--json]
+    tandem export RUN --out BUNDLE [--sign KEY.pem]
+    tandem predict BUNDLE PATH... [--top-k K] [--json] [--trusted-key PUBLIC.pem]
     tandem config                             every config key with its default
+    tandem keygen KEY.pem PUBLIC.pem          a key pair for signed bundles
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
 
 
+def _log_for(args):
+    """With --json, stdout carries only the JSON: logs go to stderr."""
+    return (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+
+
 def cmd_train(args) -> int:
     from tandem.config import load_config
 
@@ -45,20 +51,16 @@ def cmd_train(args) -> int:
     if overrides and "=" not in overrides[0]:
         config_file = overrides.pop(0)
     if args.resume:
-        from pathlib import Path
+        from tandem.train.runs import resume_config
 
-        saved = Path(args.resume) / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"--resume {args.resume}: no config.yaml there; give the out_dir of an earlier `tandem train`")
         if config_file:
             raise UserError("--resume takes its config from the run folder; give key=value overrides only")
-        cfg = load_config(saved, overrides + [f"out_dir={args.resume}"])
+        cfg = resume_config(args.resume, overrides)
     else:
         cfg = load_config(config_file, overrides)
     from tandem.train.loop import train
 
-    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    result = train(cfg, resume=bool(args.resume), log=log)
+    result = train(cfg, resume=bool(args.resume), log=_log_for(args))
     if args.json:
         _print_json({**result.metrics, "run_dir": str(result.run_dir)})
     return 0
@@ -67,13 +69,13 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from tandem.export.onnx_bundle import export_bundle
 
-    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     out = export_bundle(args.run, args.out, name=args.name, version=args.version, atol=args.atol,
-                        exporter=args.exporter, force=args.force, log=log)
+                        exporter=args.exporter, force=args.force, sign=args.sign, log=_log_for(args))
     if args.json:
         from tandem.bundle import read_manifest
 
-        _print_json({"bundle": str(out), **read_manifest(out, verify=False)["export"]})
+        manifest = read_manifest(out, verify=False)
+        _print_json({"bundle": str(out), "metrics": manifest["metrics"], **manifest["export"]})
     else:
         print(f"predict with:  tandem predict {out} IMAGE_OR_FOLDER")
     return 0
@@ -82,15 +84,34 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from tandem.runtime import Predictor
 
-    predictor = Predictor.load(args.bundle, threads=args.threads)
-    results = predictor.predict_paths(args.paths, k=args.top_k)
-    if args.json:
-        _print_json([{"path": str(path), "top_k": [{"label": p.label, "index": p.index, "probability": p.probability}
-                                                  for p in preds]} for path, preds in results])
-        return 0
-    for path, preds in results:
-        guesses = "  ".join(f"{p.label} {p.probability:.1%}" for p in preds)
-        print(f"{path}: {guesses}")
+    predictor = Predictor.load(args.bundle, threads=args.threads, trusted_key=args.trusted_key)
+    failed = 0
+    # Results stream in input order as soon as they are decoded; one bad file does not stop the rest.
+    for path, preds, error in predictor.predict_files(args.paths, k=args.top_k, workers=args.workers):
+        if error is not None:
+            failed += 1
+            if args.json:
+                print(json.dumps({"path": str(path), "error": error}), flush=True)
+            else:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            continue
+        if args.json:
+            top = [{"label": p.label, "index": p.index, "probability": p.probability} for p in preds]
+            print(json.dumps({"path": str(path), "top_k": top}), flush=True)
+        else:
+            print(f"{path}: " + "  ".join(f"{p.label} {p.probability:.1%}" for p in preds), flush=True)
+    if failed:
+        print(f"error: {failed} file(s) could not be read; the others were classified", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from tandem.bundle import generate_signing_key
+
+    generate_signing_key(args.private, args.public)
+    print(f"private key {args.private} (keep it secret; sign with `tandem export RUN --out B --sign {args.private}`)")
+    print(f"public key  {args.public} (share it; verify with `tandem predict B IMAGES --trusted-key {args.public}`)")
     return 0
 
 
@@ -143,16 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. With no arguments: the default cnn on the embedded animals.",
                        epilog="examples:  tandem train  |  tandem train run.yaml optim.lr=0.01  |  "
                               "tandem train data.source=photos/ data.channels=3 model.name=resnet  |  "
-                              "tandem train --resume runs/latest.  `tandem config` lists every key.")
+                              "tandem train --resume runs/latest.  `tandem config` lists every key. Each run "
+                              "gets its own folder runs/<date>-<time> (runs/latest links to the newest) unless "
+                              "out_dir=... names one.")
     p.add_argument("settings", nargs="*", metavar="[CONFIG.yaml] key=value",
                    help="an optional YAML config file, then dotted overrides such as optim.lr=0.01")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest good checkpoint")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest good checkpoint; "
+                   "overrides may change only progress, checkpoint_every, keep_checkpoints and device")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout (logs go to stderr)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a trained run to a bundle (ONNX, safetensors, manifest)",
-                       description="Export a run folder (its newest good checkpoint) or one checkpoint folder to a "
-                                   "bundle. Fails, writing nothing, if ONNX Runtime and torch disagree.")
+                       description="Export a run folder (its best checkpoint by validation accuracy) or one "
+                                   "checkpoint folder to a bundle. Fails, writing nothing, if ONNX Runtime and torch "
+                                   "disagree. The bundle's test accuracy is measured with ONNX Runtime.")
     p.add_argument("run", help="run folder (train out_dir) or a checkpoint folder inside it")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--name", help="model name in the manifest (default: <data>-<model>)")
@@ -160,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance, max abs logit difference (default: 1e-4)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default: torchscript, much faster for these models)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--json", action="store_true", help="print the bundle path and parity result as JSON")
+    p.add_argument("--force", action="store_true", help="replace --out if it holds a bundle (never another folder)")
+    p.add_argument("--sign", metavar="KEY.pem", help="sign the bundle with this private key (see `tandem keygen`)")
+    p.add_argument("--json", action="store_true", help="print the bundle path, metrics and parity result as JSON")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("predict", help="classify images with a bundle (torch-free)",
@@ -171,8 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--top-k", type=_positive_int, default=1, help="how many classes to report per image (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of lines")
+    p.add_argument("--workers", type=_positive_int, default=None,
+                   help="processes decoding images (default: one per core)")
+    p.add_argument("--trusted-key", metavar="PUBLIC.pem",
+                   help="refuse the bundle unless its signature verifies under this public key")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line (JSON Lines): {path, top_k} or {path, error}")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("keygen", help="make a key pair for signing bundles",
+                       description="Write an EC P-256 key pair as PEM files: the private one signs bundles "
+                                   "(`tandem export --sign`), the public one verifies them (`--trusted-key`).")
+    p.add_argument("private", help="private key file to write (mode 0600)")
+    p.add_argument("public", help="public key file to write")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("config", help="list every config key with its default, or resolve a config",
                        description="With no arguments: every key, default and meaning. With [CONFIG.yaml] "

@@ -9,7 +9,7 @@ Defaults live here and only here; every checkpoint and every bundle carries the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,8 +29,22 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     test_fraction: float = Field(0.1, gt=0.0, lt=0.5)
     skip_bad_files: bool = Field(False, description="skip unreadable images with a warning instead of stopping")
-    mean: float = Field(0.5, description="preprocessing: (pixel/255 - mean) / std")
-    std: float = Field(0.5, gt=0.0)
+    resize: Literal["crop", "pad", "squash"] = Field(
+        "crop", description="non-square images: crop (centre square), pad (black borders) or squash")
+    # One value for every channel, or one per channel ([0.485, 0.456, 0.406] for ImageNet-style RGB).
+    mean: Union[float, list[float]] = Field(0.5, description="preprocessing: (pixel/255 - mean) / std, per channel or one value")
+    std: Union[float, list[float]] = Field(0.5, description="one value > 0, or one per channel")
+
+    @model_validator(mode="after")
+    def _check_normalisation(self) -> "DataConfig":
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            values = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) not in (1, self.channels):
+                raise ValueError(f"data.{name} has {len(value)} values; give one, or one per channel ({self.channels})")
+            if name == "std" and min(values) <= 0:
+                raise ValueError(f"data.std must be greater than 0 (got {value})")
+        return self
 
 
 class ModelConfig(_Section):
@@ -70,7 +84,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    out_dir: str = "runs/latest"
+    out_dir: str = Field("", description="run folder; empty: a new runs/<date>-<time>, with runs/latest linked to it")
+    overwrite: bool = Field(False, description="clear out_dir first if it holds another run (else the run is refused)")
+    init_from: str = Field("", description="a bundle to fine-tune: start from its weights (a new head if the classes differ)")
     checkpoint_every: int = Field(0, ge=0, description="save every N optimizer steps (0 = each epoch); always at the end")
     keep_checkpoints: int = Field(3, ge=1, le=1000)
     early_stopping: int = Field(0, ge=0, description="stop when validation accuracy has not improved for N epochs (0 = off)")
@@ -159,6 +175,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(tree, dict):
             raise UserError(f"config file {path} must be a mapping of keys to values")
     return config_from_dict(_merge(tree, parse_overrides(overrides or [])))
+
+
+def with_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A copy of cfg with `key=value` overrides applied and validated."""
+    return config_from_dict(_merge(cfg.model_dump(), parse_overrides(overrides)))
 
 
 def dump_config(cfg: TrainConfig) -> str:

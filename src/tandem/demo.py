@@ -27,10 +27,9 @@ SAMPLES = 100
 
 def pick_holdout(cfg, count: int = SAMPLES) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """`count` test-split images, spread evenly over the classes (seeded)."""
-    from tandem.data import load_dataset, split_dataset
+    from tandem.train.loop import load_splits
 
-    test = split_dataset(load_dataset(cfg.data.source, cfg.data.image_size, cfg.data.channels),
-                         cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed).test
+    test = load_splits(cfg).test
     rng = np.random.default_rng(cfg.seed)
     per_class = count // len(test.classes)
     chosen = np.concatenate([rng.permutation(np.flatnonzero(test.labels == c))[:per_class]
@@ -131,7 +130,7 @@ def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: 
     predict_seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise UserError(f"the inference process failed: {proc.stderr.strip()}")
-    answers = json.loads(proc.stdout)
+    answers = [json.loads(line) for line in proc.stdout.splitlines()]  # JSON Lines, one per image
     guess = [a["top_k"][0]["label"] for a in answers]
     correct = sum(g == t for g, t in zip(guess, truth))
     contact_sheet(pixels, truth, guess, out / "contact_sheet.png")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
-def augment(x: torch.Tensor, shift: int, hflip: bool, generator: torch.Generator, fill: float) -> torch.Tensor:
+def augment(x: torch.Tensor, shift: int, hflip: bool, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
     """x: (N, C, H, W). Each image gets its own flip and its own shift of up to `shift` pixels, the
-    uncovered border filled with `fill` (the background value after preprocessing)."""
+    uncovered border filled with `fill` (C,), the background value of each channel after preprocessing."""
     n, _, h, w = x.shape
     if hflip:
         flip = torch.rand(n, generator=generator, device=generator.device) < 0.5
@@ -17,7 +16,8 @@ def augment(x: torch.Tensor, shift: int, hflip: bool, generator: torch.Generator
         size = 2 * shift + 1
         dy = torch.randint(0, size, (n,), generator=generator, device=generator.device).to(x.device)
         dx = torch.randint(0, size, (n,), generator=generator, device=generator.device).to(x.device)
-        padded = F.pad(x, (shift, shift, shift, shift), value=fill)
+        padded = fill.to(x.dtype).view(1, -1, 1, 1).repeat(n, 1, h + 2 * shift, w + 2 * shift)
+        padded[:, :, shift:shift + h, shift:shift + w] = x
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
         padded = padded.gather(2, rows.expand(n, x.shape[1], h, w + 2 * shift))
         cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]

@@ -44,14 +44,19 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, rename: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as handle:
-        json.dump(obj, handle, indent=2)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -88,8 +93,9 @@ class Checkpoint:
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
-                    trainer_tensors: dict[str, torch.Tensor], state: dict, keep: int = 3) -> Path:
-    """Write one checkpoint atomically and prune all but the newest `keep`."""
+                    trainer_tensors: dict[str, torch.Tensor], state: dict, keep: int = 3,
+                    protect: int | None = None) -> Path:
+    """Write one checkpoint atomically and prune all but the newest `keep` and the step `protect` (the best)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -114,8 +120,11 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         shutil.rmtree(final)
     os.rename(tmp, final)
     fsync_dir(root)
+    # The best checkpoint is what export ships: pruning by age must not take it.
+    kept = {checkpoint_path(run_dir, protect)} if protect is not None else set()
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -161,14 +170,31 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
     return None
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:08d}"
+
+
+def best_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The checkpoint with the best validation accuracy (the newest one when the run has no validation)."""
+    newest = latest_checkpoint(run_dir)
+    best_step = newest.state["loop"].get("best_step") if newest else None
+    if newest is None or best_step is None or best_step == newest.state["step"]:
+        return newest
+    try:
+        return read_checkpoint(checkpoint_path(run_dir, best_step))
+    except UserError as err:
+        print(f"warning: best checkpoint unusable ({err}); using the newest one", file=sys.stderr)
+        return newest
+
+
 def resolve_checkpoint(path: Path) -> Checkpoint:
-    """A run folder (newest good checkpoint) or one checkpoint folder -> a verified Checkpoint."""
+    """A run folder (its best good checkpoint) or one checkpoint folder -> a verified Checkpoint."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist; give a run folder (the train out_dir) or one of its checkpoints")
     if (path / "state.json").is_file():
         return read_checkpoint(path)
-    found = latest_checkpoint(path)
+    found = best_checkpoint(path)
     if found is None:
         raise UserError(f"{path} holds no usable checkpoint; train first (`tandem train out_dir={path}`)")
     return found

@@ -31,8 +31,9 @@ def pick_precision(name: str, device: torch.device) -> str:
     if name != "auto":
         return name
     if device.type == "cuda":
-        # No fp16 (it needs loss scaling): GPUs without bf16 train in fp32.
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # No fp16 (it needs loss scaling): GPUs without bf16 train in fp32. Pre-Ampere GPUs (V100, T4)
+        # only emulate bf16, slowly; is_bf16_supported() counts emulation unless told not to.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 

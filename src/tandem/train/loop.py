@@ -3,6 +3,7 @@
     tandem train                                  # default cnn on the embedded animals
     tandem train run.yaml optim.lr=0.01 epochs=5  # a YAML config plus overrides
     tandem train --resume runs/latest             # continue a killed run exactly
+    tandem train init_from=bundles/animals/1 data.source=photos/   # fine-tune a bundle
 
     from tandem.config import TrainConfig
     from tandem.train.loop import train
@@ -15,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +24,42 @@ import torch
 import torch.nn.functional as F
 
 from tandem.config import TrainConfig, dump_config
-from tandem.data import Dataset, load_dataset, split_dataset
+from tandem.data import Dataset, Splits, load_dataset, split_dataset
+from tandem.errors import UserError
 from tandem.runtime.preprocess import preprocess
 from tandem.train import checkpoint as ckpt
 from tandem.train.augment import augment
 from tandem.train.device import autocast_dtype, pick_device, pick_precision
+from tandem.train.finetune import inherit_from_bundle, load_bundle_weights
 from tandem.train.models import count_parameters, create_model
+from tandem.train.runs import new_run_dir
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
-    checkpoint: Path
+    checkpoint: Path  # the best by validation accuracy: what `tandem export RUN` ships
+    last_checkpoint: Path
     metrics: dict
+
+
+def _no_examples() -> dict:
+    return {"loss": 0.0, "correct": 0.0, "count": 0}
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from step to step besides tensors; saved as JSON in each checkpoint."""
+
+    step: int = 0
+    best_val: float = -1.0
+    best_step: int | None = None  # the checkpoint export ships; None without a validation split
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+    images_seen: int = 0
+    running: dict = field(default_factory=_no_examples)
+    stopped_early: bool = False
+    init_from: dict | None = None  # the bundle a fine-tuning run started from (its provenance)
 
 
 def _cosine(start: float, end: float, fraction: float) -> float:
@@ -70,6 +94,13 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+
+
+def load_splits(cfg: TrainConfig) -> Splits:
+    """The run's data, deduplicated and split by its seed: the same images for train, resume and export."""
+    data = load_dataset(cfg.data.source, cfg.data.image_size, cfg.data.channels, cfg.data.skip_bad_files,
+                        resize=cfg.data.resize)
+    return split_dataset(data, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
 
 
 def to_tensors(data: Dataset, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +154,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
+    # 1. Where the run writes (a folder of its own), on what device, in what precision.
+    if not resume:
+        cfg = new_run_dir(inherit_from_bundle(cfg) if cfg.init_from else cfg)
     run_dir = Path(cfg.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
@@ -131,150 +165,191 @@ def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
 
-    # Data: load, dedupe, split, preprocess once with the runtime's own function.
-    splits = split_dataset(load_dataset(cfg.data.source, cfg.data.image_size, cfg.data.channels, cfg.data.skip_bad_files),
-                           cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
-    classes = splits.train.classes
+    # 2. Data: decoded once (then cached), deduplicated, split, preprocessed with the runtime's own function.
+    splits = load_splits(cfg)
+    classes, fingerprint = splits.train.classes, splits.train.fingerprint()
     x_train, y_train = to_tensors(splits.train, cfg, device)
     x_val, y_val = to_tensors(splits.val, cfg, device)
-    background = float(preprocess(np.zeros((1, 1, 1, 1), np.uint8), cfg.data.mean, cfg.data.std)[0, 0, 0, 0])
+    # The value of a black pixel after preprocessing, per channel: what a shifted image's border shows.
+    black = np.zeros((1, 1, 1, cfg.data.channels), np.uint8)
+    background = torch.from_numpy(preprocess(black, cfg.data.mean, cfg.data.std)[0, :, 0, 0]).to(device)
 
+    # 3. The model and its optimizer.
     model = create_model(cfg.model.name, cfg.data.channels, cfg.data.image_size, len(classes),
-                         cfg.model.width, cfg.model.dropout).to(device)
+                         cfg.model.width, cfg.model.dropout)
     # channels_last runs the convs of oneDNN / cuDNN about 1.4x faster; it changes layout, not maths.
     memory_format = torch.channels_last if cfg.model.name != "mlp" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = model.to(device).to(memory_format=memory_format)
     optimizer = make_optimizer(cfg, model)
     augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
-
     batch, micro = cfg.batch_size, cfg.batch_size // cfg.optim.grad_accum
     n = len(x_train)
-    # A last batch of a single image would break batch norm: drop it.
-    steps_per_epoch = n // batch + (1 if n % batch > 1 else 0)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch = n // batch + (1 if n % batch > 1 else 0)  # a last batch of one image would break batch norm
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
 
-    step, best_val, bad_epochs, train_seconds, images_seen = 0, -1.0, 0, 0.0, 0
-    running = {"loss": 0.0, "correct": 0.0, "count": 0}
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None:
-            log(f"no checkpoint in {run_dir} yet: starting from step 0")
-        else:
-            model.load_state_dict(found.model)
-            optimizer.load_state_dict(ckpt.unflatten_optimizer(found.trainer, found.state["optimizer"]))
-            torch.set_rng_state(found.trainer["rng.torch"])
-            augment_rng.set_state(found.trainer["rng.augment"])
-            if device.type == "cuda" and "rng.cuda" in found.trainer:
-                torch.cuda.set_rng_state(found.trainer["rng.cuda"])
-            loop_state = found.state["loop"]
-            step, best_val, bad_epochs = found.state["step"], loop_state["best_val"], loop_state["bad_epochs"]
-            train_seconds, images_seen, running = loop_state["train_seconds"], loop_state["images_seen"], loop_state["running"]
-            log(f"resumed from {found.path} at step {step} of {total_steps}")
-    if not resume or step == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-    # Keep only the metrics the resumed state has seen, so the log reads as one run.
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() and step else []
-    records = [r for r in records if r["step"] <= step]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
+    # 4. Resume: every tensor, RNG and counter as it was at the newest good checkpoint. Or, at step 0 of a
+    # fine-tuning run, the bundle's weights.
+    state = _restore(run_dir, model, optimizer, augment_rng, device, fingerprint, log) if resume else LoopState()
+    if cfg.init_from and state.step == 0:
+        state.init_from = load_bundle_weights(model, cfg.init_from, classes)
+    metrics_path = _start_log(run_dir, cfg, state.step)
     log(f"config:\n{dump_config(cfg)}")
-    log(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images, "
-        f"{len(classes)} classes, {splits.duplicates_removed} exact duplicates removed")
+    log(f"data: {splits.train.describe_decode()}; {len(splits.train)} train / {len(splits.val)} val / "
+        f"{len(splits.test)} test images, {len(classes)} classes, {splits.duplicates_removed} exact duplicates removed")
+    if state.init_from:
+        init = state.init_from
+        log(f"fine-tuning from {init['bundle']}: {len(init['classes_kept'])} classes kept, "
+            f"{len(init['classes_new'])} new ({', '.join(init['classes_new']) or 'none'})")
     log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters; device {device}, precision {precision}; "
         f"{total_steps} steps of {batch} images")
 
-    def save(stopped: bool = False) -> Path:
-        tensors, optim_meta = ckpt.flatten_optimizer(optimizer.state_dict())
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.augment"] = augment_rng.get_state()
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state()
-        loop_state = {"best_val": best_val, "bad_epochs": bad_epochs, "train_seconds": train_seconds,
-                      "images_seen": images_seen, "running": running, "stopped_early": stopped}
-        state = {"epoch": step / steps_per_epoch, "total_steps": total_steps, "classes": classes,
-                 "config": cfg.model_dump(), "precision": precision, "optimizer": optim_meta, "loop": loop_state,
-                 "data_fingerprint": splits.train.fingerprint()}
-        return ckpt.save_checkpoint(run_dir, step, model.state_dict(), tensors, state, cfg.keep_checkpoints)
+    def save() -> Path:
+        extra = {"epoch": state.step / steps_per_epoch, "total_steps": total_steps, "classes": classes,
+                 "precision": precision, "data_fingerprint": fingerprint, "data_decode": splits.train.decode}
+        return _save(run_dir, cfg, model, optimizer, augment_rng, device, state, extra)
 
-    bar = _progress(cfg, total_steps, step)
+    # 5. The loop: one optimizer step per iteration, validation and checkpoints at the end of each epoch.
+    bar = _progress(cfg, total_steps, state.step)
     model.train()
-    order = epoch_order(n, step // steps_per_epoch, cfg.seed)
-    stopped_early = False
+    order = epoch_order(n, state.step // steps_per_epoch, cfg.seed)
     t_last = time.perf_counter()
-    while step < total_steps:
-        epoch, position = divmod(step, steps_per_epoch)
+    while state.step < total_steps and not state.stopped_early:
+        epoch, position = divmod(state.step, steps_per_epoch)
         if position == 0:
             order = epoch_order(n, epoch, cfg.seed)
-        lr = learning_rate(step, total_steps, cfg)
+        lr = learning_rate(state.step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-
-        # One optimizer step over `batch` images, in grad_accum micro-batches.
         index = order[position * batch:(position + 1) * batch].to(device)
-        for chunk in index.split(micro):
+        for chunk in index.split(micro):  # grad_accum micro-batches make one step of `batch` images
             xb = augment(x_train[chunk], cfg.augment.shift, cfg.augment.hflip, augment_rng, background)
             xb = xb.contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = model(xb)
                 loss = F.cross_entropy(logits.float(), y_train[chunk], label_smoothing=cfg.optim.label_smoothing)
             (loss * (len(chunk) / len(index))).backward()
-            running["loss"] += loss.item() * len(chunk)
-            running["correct"] += (logits.argmax(1) == y_train[chunk]).sum().item()
-            running["count"] += len(chunk)
+            state.running["loss"] += loss.item() * len(chunk)
+            state.running["correct"] += (logits.argmax(1) == y_train[chunk]).sum().item()
+            state.running["count"] += len(chunk)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        images_seen += len(index)
+        state.step += 1
+        state.images_seen += len(index)
         now = time.perf_counter()
-        train_seconds += now - t_last
-        t_last = now
-        if bar is not None and (step % 10 == 0 or step == total_steps):
-            bar.update(bar.task_ids[0], completed=step, info=(
-                f"epoch {epoch + 1}  loss {running['loss'] / running['count']:.3f}  "
-                f"acc {running['correct'] / running['count']:.3f}  {images_seen / train_seconds:,.0f} img/s"))
+        state.train_seconds, t_last = state.train_seconds + now - t_last, now
+        _show(bar, state, epoch, total_steps)
 
-        end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
+        end_of_epoch = state.step % steps_per_epoch == 0 or state.step == total_steps
+        improved = False
         if end_of_epoch:
-            record = {"step": step, "epoch": math.ceil(step / steps_per_epoch), "lr": lr,
-                      "train_loss": running["loss"] / running["count"],
-                      "train_accuracy": running["correct"] / running["count"],
-                      "images_per_second": images_seen / train_seconds, "train_seconds": train_seconds}
-            if len(x_val):
-                record["val_loss"], record["val_accuracy"], _ = evaluate(
-                    model, x_val, y_val, 512, memory_format, amp_dtype, len(classes))
-                if record["val_accuracy"] > best_val:
-                    best_val, bad_epochs = record["val_accuracy"], 0
-                else:
-                    bad_epochs += 1
-                stopped_early = bool(cfg.early_stopping) and bad_epochs >= cfg.early_stopping
-            running = {"loss": 0.0, "correct": 0.0, "count": 0}
-            with open(metrics_path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            summary = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy")))
-            (bar.console.print if bar else log)(f"epoch {record['epoch']:>3}  {summary}  {record['images_per_second']:,.0f} img/s")
-            t_last = time.perf_counter()  # validation is not training time
-        if step == total_steps or stopped_early or (
-                cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (not cfg.checkpoint_every and end_of_epoch):
-            save(stopped_early)
-            t_last = time.perf_counter()  # checkpoint I/O is not training time
-        if stopped_early:
-            log(f"early stopping: validation accuracy has not improved for {bad_epochs} epochs")
-            break
+            improved = _end_of_epoch(cfg, state, model, x_val, y_val, memory_format, amp_dtype, len(classes), lr,
+                                     steps_per_epoch, metrics_path, bar.console.print if bar else log)
+        if improved or state.step == total_steps or state.stopped_early or (
+                cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
+                not cfg.checkpoint_every and end_of_epoch):
+            save()
+        if state.stopped_early:
+            log(f"early stopping: validation accuracy has not improved for {state.bad_epochs} epochs")
+        t_last = time.perf_counter()  # validation and checkpoint I/O are not training time
     if bar is not None:
         bar.stop()
 
-    # The verdict on data the model never saw.
-    x_test, y_test = to_tensors(splits.test, cfg, device)
-    test_loss, test_acc, confusion = evaluate(model, x_test, y_test, 512, memory_format, amp_dtype, len(classes))
+    # 6. The verdict: the best checkpoint, in fp32 as the bundle ships it, on images the model never saw.
+    return _verdict(cfg, run_dir, model, splits, state, steps_per_epoch, device, memory_format, precision,
+                    metrics_path, log)
+
+
+def _start_log(run_dir: Path, cfg: TrainConfig, step: int) -> Path:
+    """config.yaml as this run resolved it; metrics.jsonl cut back to what the resumed state has seen."""
+    ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    metrics_path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() and step else []
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+    return metrics_path
+
+
+def _restore(run_dir, model, optimizer, augment_rng, device, fingerprint: str, log) -> LoopState:
+    found = ckpt.latest_checkpoint(run_dir)
+    if found is None:
+        log(f"no checkpoint in {run_dir} yet: starting from step 0")
+        return LoopState()
+    if found.state.get("data_fingerprint") not in (None, fingerprint):
+        raise UserError(f"--resume {run_dir}: the training images differ from the ones this run was trained on "
+                        "(files added, removed or changed); resuming would mix two data sets: start a new run")
+    model.load_state_dict(found.model)
+    optimizer.load_state_dict(ckpt.unflatten_optimizer(found.trainer, found.state["optimizer"]))
+    torch.set_rng_state(found.trainer["rng.torch"])
+    augment_rng.set_state(found.trainer["rng.augment"])
+    if device.type == "cuda" and "rng.cuda" in found.trainer:
+        torch.cuda.set_rng_state(found.trainer["rng.cuda"])
+    state = LoopState(step=found.state["step"], **found.state["loop"])
+    log(f"resumed from {found.path} at step {state.step}" + (" (the run had stopped early: nothing left to train)"
+                                                            if state.stopped_early else ""))
+    return state
+
+
+def _save(run_dir, cfg, model, optimizer, augment_rng, device, state: LoopState, extra: dict) -> Path:
+    tensors, optim_meta = ckpt.flatten_optimizer(optimizer.state_dict())
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.augment"] = augment_rng.get_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    loop = {k: v for k, v in asdict(state).items() if k != "step"}
+    meta = {**extra, "config": cfg.model_dump(), "optimizer": optim_meta, "loop": loop}
+    return ckpt.save_checkpoint(run_dir, state.step, model.state_dict(), tensors, meta, cfg.keep_checkpoints,
+                                protect=state.best_step)
+
+
+def _show(bar, state: LoopState, epoch: int, total_steps: int) -> None:
+    if bar is not None and (state.step % 10 == 0 or state.step == total_steps):
+        r = state.running
+        bar.update(bar.task_ids[0], completed=state.step, info=(
+            f"epoch {epoch + 1}  loss {r['loss'] / r['count']:.3f}  acc {r['correct'] / r['count']:.3f}  "
+            f"{state.images_seen / state.train_seconds:,.0f} img/s"))
+
+
+def _end_of_epoch(cfg, state: LoopState, model, x_val, y_val, memory_format, amp_dtype, num_classes, lr,
+                  steps_per_epoch, metrics_path: Path, show) -> bool:
+    """Validate, log one line to metrics.jsonl, track the best epoch; True when this one is the new best."""
+    r = state.running
+    record = {"step": state.step, "epoch": math.ceil(state.step / steps_per_epoch), "lr": lr,
+              "train_loss": r["loss"] / r["count"], "train_accuracy": r["correct"] / r["count"],
+              "images_per_second": state.images_seen / state.train_seconds, "train_seconds": state.train_seconds}
+    improved = False
+    if len(x_val):
+        record["val_loss"], record["val_accuracy"], _ = evaluate(model, x_val, y_val, 512, memory_format, amp_dtype,
+                                                                 num_classes)
+        improved = record["val_accuracy"] > state.best_val
+        if improved:
+            state.best_val, state.best_step, state.bad_epochs = record["val_accuracy"], state.step, 0
+        else:
+            state.bad_epochs += 1
+        state.stopped_early = bool(cfg.early_stopping) and state.bad_epochs >= cfg.early_stopping
+    state.running = _no_examples()
+    with open(metrics_path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    summary = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy")))
+    show(f"epoch {record['epoch']:>3}  {summary}  {record['images_per_second']:,.0f} img/s")
+    return improved
+
+
+def _verdict(cfg, run_dir: Path, model, splits: Splits, state: LoopState, steps_per_epoch: int, device,
+             memory_format, precision, metrics_path: Path, log) -> TrainResult:
+    """Test accuracy of the checkpoint export ships (the best on validation), evaluated in fp32 like the bundle."""
     last = ckpt.list_checkpoints(run_dir)[-1]
-    metrics = {"test_accuracy": test_acc, "test_loss": test_loss, "val_accuracy": best_val if len(x_val) else None,
-               "train_seconds": train_seconds, "images_per_second": images_seen / max(train_seconds, 1e-9),
-               "steps": step, "epochs": step / steps_per_epoch, "parameters": count_parameters(model),
-               "precision": precision, "device": str(device), "test_images": len(splits.test),
-               "duplicates_removed": splits.duplicates_removed, "checkpoint": str(last)}
+    best = ckpt.checkpoint_path(run_dir, state.best_step) if state.best_step is not None else last
+    if best != last:
+        model.load_state_dict(ckpt.read_checkpoint(best).model)
+    x_test, y_test = to_tensors(splits.test, cfg, device)
+    classes = splits.train.classes
+    test_loss, test_acc, confusion = evaluate(model, x_test, y_test, 512, memory_format, None, len(classes))
+    metrics = {"test_accuracy": test_acc, "test_loss": test_loss,
+               "val_accuracy": state.best_val if len(splits.val) else None, "train_seconds": state.train_seconds,
+               "images_per_second": state.images_seen / max(state.train_seconds, 1e-9), "steps": state.step,
+               "epochs": state.step / steps_per_epoch, "parameters": count_parameters(model), "precision": precision,
+               "device": str(device), "test_images": len(splits.test), "duplicates_removed": splits.duplicates_removed,
+               "stopped_early": state.stopped_early, "decode": splits.train.decode,
+               "checkpoint": str(best), "last_checkpoint": str(last)}
     ckpt.write_json_atomic(run_dir / "results.json", {**metrics, "classes": classes, "confusion": confusion.tolist()})
     from tandem.train.plots import plot_confusion, plot_curves
 
@@ -282,8 +357,7 @@ def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
     if history:
         plot_curves(history, run_dir / "curves.png")
     plot_confusion(confusion, classes, run_dir / "confusion.png")
-    log(f"test accuracy {test_acc:.4f} on {len(splits.test)} held-out images; "
-        f"{train_seconds:.1f} s training at {metrics['images_per_second']:,.0f} img/s")
-    log(f"checkpoint: {last}")
+    log(f"test accuracy {test_acc:.4f} on {len(splits.test)} held-out images (checkpoint {best.name}, fp32); "
+        f"{state.train_seconds:.1f} s training at {metrics['images_per_second']:,.0f} img/s")
     log(f"export it:  tandem export {run_dir} --out {run_dir / 'bundle'}")
-    return TrainResult(run_dir, last, metrics)
+    return TrainResult(run_dir, best, last, metrics)

@@ -1,0 +1,118 @@
+"""Run folders: where a run writes, and what a resumed run may change.
+
+    tandem train                          # a new folder runs/<date>-<time>; runs/latest links to it
+    tandem train out_dir=exp/a            # exactly there; refused if exp/a holds another run ...
+    tandem train out_dir=exp/a overwrite=true    # ... unless you ask to clear it
+    tandem train --resume runs/latest progress=false   # only the keys in SAFE_ON_RESUME may change
+
+A run folder never mixes two runs: a second run into the same folder used to prune its own
+checkpoints, keep the first run's, and ship the first run's model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+from pathlib import Path
+
+from tandem.config import TrainConfig, config_from_dict, load_config, with_overrides
+from tandem.errors import UserError
+
+RUNS_ROOT = Path("runs")
+LATEST = "latest"
+# What a resumed run may change without changing its data, its split, its model or its schedule.
+SAFE_ON_RESUME = ("progress", "checkpoint_every", "keep_checkpoints", "device", "overwrite")
+_RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl", "results.json")
+
+
+def is_run_folder(path: Path) -> bool:
+    return any((path / name).exists() for name in _RUN_MARKERS)
+
+
+def _link_latest(run_dir: Path) -> None:
+    """Point runs/latest at the newest run (a relative link, replaced atomically)."""
+    link = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.tmp-{os.getpid()}"
+    try:
+        if tmp.is_symlink():
+            tmp.unlink()
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # a file system without links: the dated folder is still there
+        tmp.unlink(missing_ok=True)
+
+
+def new_run_dir(cfg: TrainConfig) -> TrainConfig:
+    """Decide the folder of a new run and make it; returns the config with out_dir resolved.
+
+    Empty out_dir: a fresh dated folder under runs/. A named folder must be empty or absent; one that
+    holds another run is cleared only with overwrite=true; any other non-empty folder is refused."""
+    if not cfg.out_dir:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir, n = RUNS_ROOT / stamp, 1
+        while run_dir.exists():
+            n += 1
+            run_dir = RUNS_ROOT / f"{stamp}-{n}"
+        run_dir.mkdir(parents=True)
+        _link_latest(run_dir)
+        return cfg.model_copy(update={"out_dir": str(run_dir)})
+    run_dir = Path(cfg.out_dir)
+    if run_dir.is_symlink():
+        run_dir = run_dir.resolve()  # runs/latest names the run it points at
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"out_dir {cfg.out_dir} is a file; give a folder")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not is_run_folder(run_dir):
+            raise UserError(f"out_dir {cfg.out_dir} is not empty and holds no tandem run; choose another out_dir")
+        if not cfg.overwrite:
+            raise UserError(f"out_dir {cfg.out_dir} holds another run; resume it with `tandem train --resume "
+                            f"{cfg.out_dir}`, pass overwrite=true to clear it, or leave out_dir unset for a new folder")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cfg.model_copy(update={"out_dir": str(run_dir)})
+
+
+def _newest_state(run_dir: Path) -> dict | None:
+    """state.json of the newest checkpoint that has one (read as JSON: no torch needed to check a resume)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    for folder in sorted((p for p in root.iterdir() if p.name.startswith("step-")), reverse=True):
+        try:
+            return json.loads((folder / "state.json").read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _changes(before: dict, after: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    out = []
+    for key in after:
+        a, b = before.get(key), after[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def resume_config(run: str | Path, overrides: list[str]) -> TrainConfig:
+    """The config of the run to resume, with the overrides that are safe to change; refuses the rest.
+
+    The checkpoint's config is the truth (config.yaml may have been edited since); before the first
+    checkpoint, config.yaml is."""
+    run_dir = Path(run)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run}: no config.yaml there; give the out_dir of an earlier `tandem train`")
+    run_dir = run_dir.resolve()
+    state = _newest_state(run_dir)
+    saved = config_from_dict(state["config"]) if state else load_config(run_dir / "config.yaml")
+    wanted = with_overrides(saved, overrides)
+    refused = [(k, a, b) for k, a, b in _changes(saved.model_dump(), wanted.model_dump()) if k not in SAFE_ON_RESUME]
+    if refused:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in refused)
+        raise UserError(f"--resume cannot change {listed}: the run's split, data, model or schedule would change "
+                        f"mid-run; start a new run instead. A resume may change only {', '.join(SAFE_ON_RESUME)}")
+    return wanted.model_copy(update={"out_dir": str(run_dir)})
