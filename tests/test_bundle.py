@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -268,3 +269,49 @@ def test_reading_bundles_imports_neither_torch_nor_model_signing(bundle):
              "assert not bad, bad\nprint('ok')")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# Not a bundle: a file, a training run; keys that cannot be written. Each said the wrong thing before.
+
+def test_a_file_is_not_a_bundle_folder(bundle, keys):
+    for path in (bundle / "manifest.json", bundle / "model.onnx"):
+        message = _refused("is a file, not a bundle folder", read_manifest, path)
+        assert message.startswith(str(path)) and "does not exist" not in message
+        _refused("is a file, not a bundle folder", verify_bundle_signature, path, keys["ours"][1])
+    assert f"pass its folder, {bundle}" in _refused("is a file", read_manifest, bundle / "manifest.json")
+
+
+@pytest.mark.parametrize("marker", ["checkpoints", "config.yaml"])
+def test_a_training_run_is_not_a_bundle_and_the_message_says_to_export_it(tmp_path, keys, marker):
+    run = tmp_path / "run"
+    run.mkdir()
+    if marker == "checkpoints":
+        (run / "checkpoints" / "step-00000010").mkdir(parents=True)
+    else:
+        (run / "config.yaml").write_text("seed: 0\n")
+    export = f"it is a training run: export it first with `tandem export {run} --out BUNDLE`"
+    assert export in _refused(f"{run} is not a bundle: it has no manifest.json", read_manifest, run)
+    assert export in _refused("is not a bundle", verify_bundle_signature, run, keys["ours"][1])
+    (tmp_path / "photos").mkdir()  # any other folder: not a bundle, and nothing about runs
+    assert "training run" not in _refused("is not a bundle: it has no manifest.json", read_manifest, tmp_path / "photos")
+
+
+def test_a_key_pair_that_cannot_be_written_leaves_nothing_behind(tmp_path):
+    private = tmp_path / "k.key"
+    message = _refused(r"cannot write .*k.pub \(No such file or directory\)", generate_signing_key,
+                       private, tmp_path / "nodir" / "k.pub")
+    assert "never overwritten" not in message
+    assert not private.exists()  # the private half is removed again...
+    generate_signing_key(private, tmp_path / "k.pub")  # ...so the next try (a good path) works
+    assert private.is_file() and (tmp_path / "k.pub").is_file()
+    message = _refused(r"cannot write .*k2.key \(No such file", generate_signing_key, tmp_path / "nodir" / "k2.key",
+                       tmp_path / "k2.pub")
+    assert "never overwritten" not in message and not (tmp_path / "k2.pub").exists()
+
+
+def test_the_module_points_at_documentation_that_exists():
+    import tandem.bundle
+
+    assert "DESIGN.md" not in tandem.bundle.__doc__ and 'the README, "The bundle"' in tandem.bundle.__doc__
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    assert "### The bundle" in readme.read_text()

@@ -107,3 +107,26 @@ def test_demo_writes_its_report(tmp_path):
     assert report["demo_accuracy_100"] > 0.5  # one epoch already beats chance (0.1) by far
     for name in ("contact_sheet.png", "curves.png", "confusion.png", "bundle/manifest.json", "bundle/model.onnx"):
         assert (out / name).is_file(), name
+
+
+def test_demo_never_replaces_files_it_did_not_write(tmp_path):
+    out = tmp_path / "mine"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "important.txt").write_text("mine")
+    _one_line_error(run_tandem("demo", "--out", str(out)), "holds files the demo did not write")
+    assert (out / "run" / "important.txt").read_text() == "mine"
+
+
+def test_output_piped_into_head_is_no_error():
+    import subprocess
+    import sys
+
+    # `true` exits at once, long before tandem writes: the write meets a closed pipe.
+    proc = subprocess.run(f"{sys.executable} -m tandem config --json | true; echo ${{PIPESTATUS[0]}}", shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "0" and "Traceback" not in proc.stderr and proc.stderr == "", proc.stderr
+
+
+def test_export_tolerance_must_be_positive(tiny_run, tmp_path):
+    proc = run_tandem("export", str(tiny_run.run_dir), "--out", str(tmp_path / "b"), "--atol", "0")
+    assert proc.returncode == 2 and "argument --atol: 0 must be greater than 0" in proc.stderr

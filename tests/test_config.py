@@ -25,6 +25,8 @@ def test_yaml_then_overrides_and_round_trip(tmp_path):
     ("epochs", "override 'epochs' is not key=value"),
     ("precision=fp16", "config: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
     ("batch_size=10", "config: batch_size=10 must be a multiple of optim.grad_accum=3"),
+    ("data.mean=abc", "config: data.mean: Input should be a valid number"),
+    ("data.std=0", "config: data.std must be greater than 0 (got 0.0)"),
 ])
 def test_bad_values_name_the_field_and_the_range(override, expected):
     extra = ["optim.grad_accum=3"] if override.startswith("batch_size=10") else []

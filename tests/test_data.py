@@ -2,6 +2,7 @@
 decode cache (a second load decodes nothing, any change to a file decodes again, damage is a miss)."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -161,3 +162,28 @@ def test_skipped_files_are_cached_and_still_reported(tmp_path, capsys):
     warning = f"skipped 1 unreadable image(s), first {root / 'cat' / 'broken.png'}"
     assert capsys.readouterr().err.count(warning) == 2  # once per load, from the cache too
     assert "data.skip_bad_files=true" in _error(root)  # without the setting: still an error, cache or not
+
+
+def test_a_file_replaced_with_its_old_size_and_mtime_is_decoded_again(tmp_path):
+    """`touch -r`, `cp -p`, `rsync -t`: the mtime can be set back; the ctime cannot, so the key holds it."""
+    root = tmp_path / "data"
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):  # BMP: the same width and height give the same byte size, whatever the picture
+            Image.new("RGB", (40, 33), (20 * i, 40, 60)).save(root / name / f"{i}.bmp")
+    first = load_dataset(str(root), 32, 3)
+    assert first.decode["decoded"] == 6 and load_dataset(str(root), 32, 3).decode["from_cache"]
+    victim = root / "dog" / "1.bmp"
+    before = victim.stat()
+    Image.new("RGB", (40, 33), (255, 0, 0)).save(victim)  # another picture, the same size
+    os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))  # and its old mtime, as `touch -r` does
+    while victim.stat().st_ctime_ns == before.st_ctime_ns:  # a coarse clock: wait until the ctime moves on
+        time.sleep(0.01)
+        os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = victim.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    replaced = load_dataset(str(root), 32, 3)
+    assert replaced.decode["decoded"] == 6 and not replaced.decode["from_cache"]
+    red = replaced.pixels[3 + 1].astype(int)  # dog/1.bmp, the 2nd file of the 2nd class
+    assert red[..., 0].min() == 255 and red[..., 1:].max() == 0
+    assert not np.array_equal(replaced.pixels[4], first.pixels[4])

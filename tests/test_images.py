@@ -3,13 +3,15 @@ orientation, non-square shapes; JPEG draft decoding agrees with a full decode; f
 order, past bad files. Each case was a silently wrong read before tandem.images."""
 
 import multiprocessing
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tandem.errors import UserError
-from tandem.images import _draft, decode_files, fit_pil, load_image, to_pixels
+from tandem.images import _draft, batch_pixels, decode_files, fit_pil, load_image, to_pixels
 
 
 def _message(call) -> str:
@@ -147,3 +149,75 @@ def test_decode_files_stops_its_pool_when_closed_early(tmp_path):
     assert next(stream)[0] == files[0]
     stream.close()
     assert not multiprocessing.active_children()
+
+
+# Grey + alpha, empty input, folders, a broken pool: each was a wrong read or a wrong message before.
+
+def _grey_alpha(height=20, width=30) -> np.ndarray:
+    """An "LA" picture (H, W, 2): grey values, and alpha from opaque to clear, so the flattening shows."""
+    rng = np.random.default_rng(4)
+    la = rng.integers(0, 256, (height, width, 2), dtype=np.uint8)
+    la[..., 1] = np.linspace(0, 255, width).round().astype(np.uint8)
+    return la
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [20, 28])
+def test_a_grey_alpha_array_reads_like_the_same_la_png(tmp_path, channels, size):
+    Image.fromarray(_grey_alpha(), "LA").save(tmp_path / "la.png")
+    with Image.open(tmp_path / "la.png") as image:
+        assert image.mode == "LA"
+        array = np.asarray(image)  # (20, 30, 2): what a user holds after np.asarray(Image.open(...))
+    expected = load_image(tmp_path / "la.png", size, channels)
+    assert array.shape == (20, 30, 2)
+    assert np.array_equal(to_pixels(array, size, channels), expected[None])  # one image, not 20 of 30x2
+    assert np.array_equal(to_pixels([array, array.transpose(2, 0, 1)], size, channels), np.stack([expected] * 2))
+    assert np.array_equal(to_pixels(np.stack([array] * 3), size, channels), np.stack([expected] * 3))  # (N, H, W, 2)
+    nchw = np.stack([array] * 3).transpose(0, 3, 1, 2)  # (N, 2, H, W)
+    assert np.array_equal(to_pixels(nchw, size, channels), np.stack([expected] * 3))
+    # Flattened onto black: a clear pixel is black, an opaque one keeps its grey.
+    clear, opaque = np.full((size, size, 2), 200, np.uint8), np.full((size, size, 2), 200, np.uint8)
+    clear[..., 1], opaque[..., 1] = 0, 255
+    assert to_pixels(clear, size, channels).max() == 0 and (to_pixels(opaque, size, channels) == 200).all()
+    # (2, H, W) alone: one channel-first grey + alpha image, or two grey images? Refused, as for 3 and 4.
+    message = _message(lambda: to_pixels(array.transpose(2, 0, 1), size, channels))
+    assert "either one channel-first image or 2 grey images" in message and "np.moveaxis(a, 0, -1)" in message
+
+
+@pytest.mark.parametrize("empty", [np.zeros((0, 28, 28, 3), np.uint8), np.zeros((0, 28, 28), np.uint8),
+                                   np.zeros((0, 3, 28, 28), np.float32), np.zeros((0, 40, 40, 3), np.uint8), []])
+def test_an_empty_batch_is_no_images_given(empty):
+    assert _message(lambda: to_pixels(empty, 28, 3)) == "no images given"
+    if isinstance(empty, np.ndarray):
+        assert _message(lambda: batch_pixels(empty, 28, 3)) == "no images given"
+
+
+def test_an_image_without_pixels_is_refused_not_made_black():
+    for empty in (np.zeros((0, 28), np.uint8), [np.zeros((28, 0, 3), np.uint8)], np.zeros((2, 0, 28, 3), np.uint8)):
+        assert "has no pixels" in _message(lambda: to_pixels(empty, 28, 3))
+
+
+def test_a_folder_where_an_image_file_belongs_says_so(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for call in (lambda: load_image(photos, 28, 1), lambda: to_pixels([photos], 28, 1), lambda: to_pixels(str(photos), 28, 1)):
+        message = _message(call)
+        assert message.startswith(f"{photos} is a folder, not an image file") and "predict_files" in message
+        assert "tandem predict" in message and "fix or remove" not in message
+
+
+def test_a_pool_broken_by_a_script_on_standard_input_names_that_cause(tmp_path):
+    for i in range(16):  # POOL_MIN_FILES: enough for a pool
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"{i:02d}.png")
+    script = ("from pathlib import Path\nfrom tandem.images import decode_files\n"
+              "files = sorted(Path('.').glob('*.png'))\n"
+              "try:\n    list(decode_files(files, 8, 1, workers=2))\n"
+              "except Exception as err:\n    print(type(err).__name__, err)\n"
+              "print(len([e for _, _, e in decode_files(files, 8, 1, workers=1) if e is None]))\n")
+    # python - <<EOF: the workers cannot re-import a __main__ read from stdin, so the pool breaks.
+    proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr
+    assert lines[0].startswith("UserError an image decoding process stopped")
+    assert "script read from standard input (python - <<EOF)" in lines[0] and "__name__ == '__main__'" in lines[0]
+    assert "pass workers=1" in lines[0] and lines[1] == "16"  # and workers=1 is indeed the way out

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import run_tandem
 from tandem.bundle import read_manifest
-from tandem.config import TrainConfig
+from tandem.config import TrainConfig, load_config
 from tandem.errors import UserError
 from tandem.train import checkpoint as ckpt
 from tandem.train.loop import load_splits, train
@@ -43,12 +43,31 @@ def test_a_second_run_into_the_same_folder_is_refused_unless_overwrite(small_npz
     assert json.loads((tmp_path / "run" / "results.json").read_text())["checkpoint"] == str(second.checkpoint)
 
 
-def test_a_folder_that_is_not_a_run_is_never_cleared(small_npz, tmp_path):
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
-    with pytest.raises(UserError, match="not empty and holds no tandem run"):
+@pytest.mark.parametrize("files", [["thesis.tex"], ["config.yaml", "data/notes.txt"],
+                                   ["checkpoints/x", "results.json", "src/model.py"]])
+def test_a_folder_that_is_not_a_run_is_never_cleared(small_npz, tmp_path, files):
+    """Even with overwrite=true, and even when it has a config.yaml or a checkpoints/ of its own."""
+    for name in files:
+        (tmp_path / "mine" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "mine" / name).write_text("years of work")
+    with pytest.raises(UserError, match="is not empty and is not a tandem run"):
         train(_cfg(small_npz, tmp_path / "mine", overwrite=True), **QUIET)
-    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+    assert all((tmp_path / "mine" / name).read_text() == "years of work" for name in files)
+
+
+def test_a_run_that_cannot_start_leaves_latest_alone(small_npz, tmp_path, monkeypatch):
+    """No empty folder, runs/latest still on the last run that started; paths saved absolute."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.npz").write_bytes(small_npz.read_bytes())
+    good = train(_cfg("data.npz", "", max_steps=1), **QUIET)
+    with pytest.raises(UserError, match="does not exist"):
+        train(_cfg("missing.npz", "", max_steps=1), **QUIET)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([good.run_dir.name, "latest"])
+    assert (tmp_path / "runs" / "latest").resolve() == good.run_dir.resolve()
+    saved = load_config(good.run_dir / "config.yaml")
+    assert saved.data.source == str(tmp_path / "data.npz")  # resume and export work from any folder
+    named = train(_cfg("data.npz", "runs/exp1", max_steps=1), **QUIET)  # a named run in runs/ is the newest too
+    assert (tmp_path / "runs" / "latest").resolve() == named.run_dir.resolve()
 
 
 def test_runs_without_out_dir_get_their_own_folders_and_latest_follows(small_npz, tmp_path, monkeypatch):
@@ -132,6 +151,22 @@ def test_export_ships_the_best_checkpoint_with_its_own_metrics(stopped_run, tmp_
     assert metrics["test_images"] == len(test) and metrics["stopped_early"] is True
 
 
+def test_export_of_a_run_whose_data_changed_carries_no_test_accuracy(small_npz, tmp_path):
+    """Its 'test' split would now hold other images, some perhaps trained on: no number is better than that one."""
+    from tandem.export.onnx_bundle import export_bundle
+
+    data = tmp_path / "data.npz"
+    with np.load(small_npz) as arrays:
+        x, y, classes = arrays["x"], arrays["y"], arrays["classes"]
+    np.savez(data, x=x, y=y, classes=classes)
+    run = train(_cfg(data, tmp_path / "run", max_steps=2), **QUIET)
+    np.savez(data, x=x[100:], y=y[100:], classes=classes)
+    said = []
+    bundle = export_bundle(run.run_dir, tmp_path / "b", log=said.append)
+    metrics = read_manifest(bundle)["metrics"]
+    assert "test_accuracy" not in metrics and any("changed since this checkpoint" in line for line in said)
+
+
 def test_export_force_replaces_a_bundle_but_never_another_folder(tiny_run, tmp_path):
     from tandem.export.onnx_bundle import export_bundle
 
@@ -145,6 +180,13 @@ def test_export_force_replaces_a_bundle_but_never_another_folder(tiny_run, tmp_p
     with pytest.raises(UserError, match="pass --force"):
         export_bundle(tiny_run.run_dir, bundle, **QUIET)
     assert export_bundle(tiny_run.run_dir, bundle, force=True, **QUIET) == bundle
+    (bundle / "NOTES.md").write_text("my notes")  # not part of the bundle: --force must not take it
+    with pytest.raises(UserError, match=r"holds files that are not part of its bundle \(NOTES.md\)"):
+        export_bundle(tiny_run.run_dir, bundle, force=True, **QUIET)
+    (tmp_path / "link").symlink_to(bundle)
+    with pytest.raises(UserError, match="is a link; give the folder itself"):
+        export_bundle(tiny_run.run_dir, tmp_path / "link", force=True, **QUIET)
+    assert (bundle / "NOTES.md").read_text() == "my notes"
 
 
 def test_precision_auto_does_not_pick_emulated_bf16_on_old_gpus(monkeypatch):

@@ -160,3 +160,23 @@ def test_tampered_bundle_is_rejected_naming_the_file(tiny_bundle, tmp_path, dama
         expected = "manifest.json is corrupt"
     with pytest.raises(UserError, match=expected):
         Predictor.load(bundle)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda m: m.update(labels=[m["labels"][1], m["labels"][0], *m["labels"][2:]]), "disagrees with its model.onnx on labels"),
+    (lambda m: m["preprocessing"].update(mean=0.9), "disagrees with its model.onnx on preprocessing"),
+    (lambda m: m.update(labels=m["labels"][:2]), "disagrees with its model.onnx on labels"),
+    (lambda m: m.pop("preprocessing"), "lacks or garbles 'preprocessing'"),
+    (lambda m: m.pop("labels"), "lacks or garbles 'labels'"),
+    (lambda m: m["preprocessing"].update(image_size="big"), "lacks or garbles"),
+])
+def test_a_hand_edited_manifest_is_refused_not_believed(tiny_bundle, tmp_path, edit, expected):
+    """The manifest holds the hashes, so it is not hashed itself; model.onnx records its labels and
+    preprocessing, and the runtime checks the manifest against them."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=expected):
+        Predictor.load(bundle)

@@ -13,7 +13,7 @@ and sha256, and optionally `model.sig`, an OpenSSF model-signing signature over 
     verify_bundle_signature("bundle/", "tandem.pub")            # UserError unless that key signed these files
 
 Hashes prove integrity, the signature proves origin. Signing needs `pip install 'tandem[sign]'`; it is
-imported only when used, so reading bundles needs neither it nor torch. See DESIGN.md, "The bundle".
+imported only when used, so reading bundles needs neither it nor torch. See the README, "The bundle".
 """
 
 from __future__ import annotations
@@ -120,15 +120,31 @@ def _check(folder: Path, name: str, entry: dict, size: int, digest: str) -> None
                         f"(altered or corrupt); {REEXPORT}")
 
 
+def _check_folder(folder: Path) -> None:
+    """A UserError unless folder is a folder: missing, or a file (manifest.json itself, a model file)."""
+    if folder.is_dir():
+        return
+    if not folder.exists():
+        raise UserError(f"bundle {folder} does not exist; export one with `tandem export RUN --out {folder}`")
+    hint = f"pass its folder, {folder.parent}" if folder.name == MANIFEST else f"pass the folder that holds {MANIFEST}"
+    raise UserError(f"{folder} is a file, not a bundle folder; {hint}")
+
+
+def _not_a_bundle(folder: Path) -> str:
+    message = f"{folder} is not a bundle: it has no {MANIFEST}"
+    if (folder / "checkpoints").is_dir() or (folder / "config.yaml").is_file():
+        message += f"; it is a training run: export it first with `tandem export {folder} --out BUNDLE`"
+    return message
+
+
 def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     """Read manifest.json and check its shape; with verify, every listed file must exist and match."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"bundle {folder} does not exist; export one with `tandem export RUN --out {folder}`")
+    _check_folder(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
-        raise UserError(f"{folder} is not a bundle: it has no {MANIFEST}") from None
+        raise UserError(_not_a_bundle(folder)) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"bundle {folder}: {MANIFEST} is corrupt; {REEXPORT}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -260,10 +276,11 @@ def verify_bundle_signature(folder: str | Path, public_key: str | Path) -> None:
         verify_bundle_signature("bundles/animals/1", "tandem.pub")   # Predictor.load(..., trusted_key=...)
     """
     model_signing, folder = _model_signing(), Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"bundle {folder} does not exist; export one with `tandem export RUN --out {folder}`")
+    _check_folder(folder)
     signature = folder / SIGNATURE
     if not signature.is_file():
+        if not (folder / MANIFEST).exists():  # a photo folder, a training run: not unsigned, not a bundle at all
+            raise UserError(_not_a_bundle(folder))
         raise UserError(f"bundle {folder} is not signed (it has no {SIGNATURE}); get a signed copy from "
                         "its publisher, or sign it with `tandem export ... --sign KEY`")
     _load_key(public_key, private=False)
@@ -292,6 +309,8 @@ def generate_signing_key(private_path: str | Path, public_path: str | Path) -> t
     """Make an EC P-256 key pair as PEM files: the private key (mode 0600) signs, the public one verifies.
 
         generate_signing_key("tandem.key", "tandem.pub")   # `tandem keygen`; never overwrites a file
+
+    On failure it leaves nothing behind: a key it wrote before the error is removed again.
     """
     _model_signing()  # cryptography comes with it
     from cryptography.hazmat.primitives import serialization as s
@@ -306,11 +325,28 @@ def generate_signing_key(private_path: str | Path, public_path: str | Path) -> t
     key = ec.generate_private_key(ec.SECP256R1())
     pems = (key.private_bytes(s.Encoding.PEM, s.PrivateFormat.PKCS8, s.NoEncryption()),
             key.public_key().public_bytes(s.Encoding.PEM, s.PublicFormat.SubjectPublicKeyInfo))
-    for path, pem, mode in zip(paths, pems, (0o600, 0o644)):
-        try:  # O_EXCL: never replace a file that appeared meanwhile; the mode is set at creation, not after
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        except OSError as err:
-            raise UserError(f"cannot write {path} ({err.strerror}); keys are never overwritten") from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
+    created: list[Path] = []
+    try:
+        for path, pem, mode in zip(paths, pems, (0o600, 0o644)):
+            try:  # O_EXCL: never replace a file that appeared meanwhile; the mode is set at creation, not after
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError:
+                raise UserError(f"{path} already exists; keys are never overwritten: choose another name or "
+                                "move it") from None
+            except OSError as err:
+                raise UserError(f"cannot write {path} ({err.strerror}); check the path") from None
+            created.append(path)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(pem)
+            except OSError as err:  # a full disk, a quota
+                raise UserError(f"cannot write {path} ({err.strerror})") from None
+    except BaseException:
+        # Half a key pair is of no use, and would make the next try fail with "already exists".
+        for path in created:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        raise
     return paths

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from tandem import __version__
@@ -32,6 +33,16 @@ def _counted(low: int, high: int = 2**31 - 1):
 
 # The same ranges as the config's epochs and seed.
 _positive_int, _epochs, _seed = _counted(1), _counted(1, 10_000), _counted(0, 2**32 - 1)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
 
 
 def _print_json(obj) -> None:
@@ -182,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--name", help="model name in the manifest (default: <data>-<model>)")
     p.add_argument("--version", type=int, default=1, help="model version in the manifest (default: 1)")
-    p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance, max abs logit difference (default: 1e-4)")
+    p.add_argument("--atol", type=_positive_float, default=1e-4, help="parity tolerance, max abs logit difference (default: 1e-4)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default: torchscript, much faster for these models)")
     p.add_argument("--force", action="store_true", help="replace --out if it holds a bundle (never another folder)")
@@ -245,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tandem predict ... | head`: the reader has gone, which is no error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0
 
 
 if __name__ == "__main__":

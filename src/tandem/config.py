@@ -99,8 +99,12 @@ class TrainConfig(_Section):
         return self
 
 
+# Pydantic names the member of a union it tried (data.mean.float): not part of the key the user wrote.
+_TYPE_TAGS = ("float", "int", "str", "bool", "list[float]")
+
+
 def _field_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-") and p not in _TYPE_TAGS)
 
 
 def _explain(err: ValidationError) -> str:

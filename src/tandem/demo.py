@@ -23,6 +23,28 @@ import numpy as np
 from tandem.errors import UserError
 
 SAMPLES = 100
+# What a demo writes in --out; a second demo replaces exactly these, and nothing else.
+DEMO_FILES = {"run", "bundle", "holdout", "report.json", "contact_sheet.png", "curves.png", "confusion.png"}
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that holds anything a demo did not write: the demo replaces run/ and holdout/."""
+    from tandem.train.runs import is_run_folder
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the demo")
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in DEMO_FILES)
+    run, holdout = out / "run", out / "holdout"
+    if run.is_dir() and any(run.iterdir()) and not is_run_folder(run):
+        foreign.append("run/ (not a tandem run)")
+    if holdout.is_dir() and any(p.name != "truth.json" and not (p.suffix == ".png" and p.stem.isdigit())
+                                for p in holdout.iterdir()):
+        foreign.append("holdout/ (files the demo did not write)")
+    if foreign:
+        raise UserError(f"--out {out} holds files the demo did not write ({', '.join(foreign[:3])}); the demo "
+                        "replaces its own files only: choose another --out")
 
 
 def pick_holdout(cfg, count: int = SAMPLES) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -100,6 +122,7 @@ def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: 
     from tandem.train.loop import train
 
     out = Path(out)
+    check_out(out)
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if quiet else print
     # Through the constructor, so the config validates every value, epochs included.
     cfg = TrainConfig(out_dir=str(out / "run"), progress=not quiet, seed=seed, precision=precision,

@@ -11,6 +11,9 @@ anything else is refused with a message saying what to pass. EXIF orientation is
 images are cropped to their centre square, padded with black, or squashed (`RESIZE_MODES`); alpha and
 palettes are flattened onto black, the background of the embedded animals. Files, PIL images and arrays
 all go through the same function, so training and prediction see the same pixels.
+
+A channel axis holds 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA) values: an array (H, W, 2), as
+np.asarray gives for an "LA" PNG, is one grey image with alpha, read as that PNG file is.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ RESIZE_MODES = ("squash", "crop", "pad")
 # Pillow's modes for 16-bit greyscale PNGs (and "I", how older Pillows open them): 0..65535.
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 POOL_MIN_FILES = 16  # below this, starting worker processes costs more than it saves
+CHANNEL_COUNTS = (1, 2, 3, 4)  # grey, grey + alpha, RGB, RGBA: what a channel axis may hold
 
 _MOVE_CHANNELS = "np.moveaxis(a, 0, -1) for one channel-first image, a[..., None] for a batch of grey images"
 
@@ -149,17 +153,26 @@ def load_image(path: str | Path, size: int, channels: int, resize: str = "crop")
             return fit_pil(image, size, channels, resize, in_place=True)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(_folder_message(path)) from None
     except UserError as err:
         raise UserError(f"image {path}: {err}") from None
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError) as err:
+        if path.is_dir():  # where opening a folder is not an IsADirectoryError (Windows: PermissionError)
+            raise UserError(_folder_message(path)) from None
         raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
+
+
+def _folder_message(path: Path) -> str:
+    return (f"{path} is a folder, not an image file; pass the image files in it, or use "
+            "Predictor.predict_files / `tandem predict` for folders")
 
 
 # --- arrays and mixed inputs ---------------------------------------------------------------------------
 
 
 def _fit_array(array: np.ndarray, size: int, channels: int, resize: str) -> np.ndarray:
-    """One uint8 image (H, W) or (H, W, 1|3|4) -> uint8 (size, size, channels); PIL only when needed."""
+    """One uint8 image (H, W) or (H, W, 1|2|3|4) -> uint8 (size, size, channels); PIL only when needed."""
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.shape[:2] == (size, size):
@@ -170,21 +183,26 @@ def _fit_array(array: np.ndarray, size: int, channels: int, resize: str) -> np.n
             return array
     from PIL import Image
 
-    return _finish(Image.fromarray(np.ascontiguousarray(array)), size, channels, resize)  # arrays carry no EXIF
+    # (H, W, 2) becomes an "LA" image, (H, W, 4) "RGBA": alpha is flattened as for files. Arrays carry no EXIF.
+    return _finish(Image.fromarray(np.ascontiguousarray(array)), size, channels, resize)
 
 
 def batch_pixels(batch: np.ndarray, size: int, channels: int, resize: str = "crop") -> np.ndarray:
-    """A known batch (N, H, W), (N, H, W, C) or (N, C, H, W) -> uint8 (N, size, size, channels).
+    """A known batch (N, H, W), (N, H, W, C) or (N, C, H, W), C in 1..4 -> uint8 (N, size, size, channels).
 
-    For data sets: the first axis is always the batch. Values are checked once for the whole batch, and
-    a batch that already has the right size and channels is not touched image by image.
+    For data sets: the first axis is always the batch; an empty batch is refused. Values are checked once
+    for the whole batch, and a batch that already has the right size and channels is not touched image by
+    image.
     """
     check_resize(resize)
-    if batch.ndim == 4 and batch.shape[1] in (1, 3, 4) and batch.shape[-1] not in (1, 3, 4):
+    if batch.ndim == 4 and batch.shape[1] in CHANNEL_COUNTS and batch.shape[-1] not in CHANNEL_COUNTS:
         batch = batch.transpose(0, 2, 3, 1)  # NCHW, as tensor pipelines hold images
-    if batch.ndim not in (3, 4) or (batch.ndim == 4 and batch.shape[-1] not in (1, 3, 4)):
-        raise UserError(f"an image batch must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 3, 4; "
+    if batch.ndim not in (3, 4) or (batch.ndim == 4 and batch.shape[-1] not in CHANNEL_COUNTS):
+        raise UserError(f"an image batch must be (N, H, W), (N, H, W, C) or (N, C, H, W) with C in 1, 2, 3, 4; "
                         f"got shape {batch.shape}")
+    if len(batch) == 0:
+        raise UserError("no images given")
+    _check_has_pixels(batch.shape[1:3])
     batch = as_uint8(batch)
     if batch.ndim == 4 and batch.shape[-1] == 1:
         batch = batch[..., 0]
@@ -199,20 +217,27 @@ def batch_pixels(batch: np.ndarray, size: int, channels: int, resize: str = "cro
     return out
 
 
+def _check_has_pixels(height_width: tuple) -> None:
+    if 0 in height_width:  # would be resized to a black square without a word
+        raise UserError(f"an image array of height {height_width[0]} and width {height_width[1]} has no pixels; "
+                        "pass images with pixels")
+
+
 def _one_image(array: np.ndarray) -> np.ndarray:
     """An array known to hold one image (a list item) -> (H, W[, C]); channel-first is unambiguous here."""
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+    if array.ndim == 3 and array.shape[0] in CHANNEL_COUNTS and array.shape[-1] not in CHANNEL_COUNTS:
         array = np.moveaxis(array, 0, -1)
-    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in CHANNEL_COUNTS):
+        _check_has_pixels(array.shape[:2])
         return as_uint8(array)
-    raise UserError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got {array.shape}")
+    raise UserError(f"an image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 2, 3, 4; got {array.shape}")
 
 
 def _as_batch(array: np.ndarray) -> np.ndarray:
-    """A bare array -> a batch: (H, W) and (H, W, C) are one image; (3, H, W) is refused as ambiguous."""
-    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4)):
-        return array[None]  # one image (no real image is 1, 3 or 4 pixels wide)
-    if array.ndim == 3 and array.shape[0] in (3, 4):
+    """A bare array -> a batch: (H, W) and (H, W, C) are one image; (2|3|4, H, W) is refused as ambiguous."""
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in CHANNEL_COUNTS):
+        return array[None]  # one image (no real image is 1, 2, 3 or 4 pixels wide)
+    if array.ndim == 3 and array.shape[0] in CHANNEL_COUNTS[1:]:
         raise UserError(f"an array of shape {array.shape} is either one channel-first image or {array.shape[0]} "
                         f"grey images; say which: {_MOVE_CHANNELS}")
     return array  # (N, H, W) grey images (including (1, H, W)), or 4-d: decided by batch_pixels
@@ -225,8 +250,9 @@ def _is_pil(item: Any) -> bool:
 def to_pixels(images: Any, size: int, channels: int, resize: str = "crop") -> np.ndarray:
     """Images in any supported form -> uint8 (N, size, size, channels).
 
-    Accepts a NumPy array of one image (H, W[, C]) or a batch (N, H, W[, C]) or (N, C, H, W), a PIL
-    image, a file path, or a list mixing those (a list item may also be one (C, H, W) image).
+    Accepts a NumPy array of one image (H, W[, C]) or a batch (N, H, W[, C]) or (N, C, H, W), C in
+    1, 2, 3, 4 (grey, grey + alpha, RGB, RGBA), a PIL image, a file path, or a list mixing those (a list
+    item may also be one (C, H, W) image). No images (an empty list or batch) is a UserError.
     """
     check_resize(resize)
     if isinstance(images, np.ndarray):
@@ -341,8 +367,9 @@ def _decode_in_pool(paths: list[Path], size: int, channels: int, resize: str, wo
             submit()
             yield [(path, pixels, error) for path, (pixels, error) in zip(part, results)]
     except BrokenProcessPool:
-        raise UserError("an image decoding process stopped (out of memory, or a script without "
-                        "`if __name__ == '__main__':`); pass workers=1 to decode in this process") from None
+        raise UserError("an image decoding process stopped (out of memory, or a script read from standard input "
+                        "(python - <<EOF) or without `if __name__ == '__main__':`); pass workers=1 to decode in "
+                        "this process") from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

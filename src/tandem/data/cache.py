@@ -8,8 +8,13 @@ the same photos again. Torch-free.
 Where: $TANDEM_CACHE_DIR, else $XDG_CACHE_HOME/tandem, else ~/.cache/tandem (sub-folder `datasets/`).
 One uncompressed .npz per folder and decode settings, read without pickle. The key covers the cache
 format, the settings (size, channels, resize, skip_bad_files), the class folder names and every file's
-relative path, byte size and mtime_ns: adding, removing, touching or replacing a file is a miss, and the
-stale entry is overwritten rather than left to pile up. A damaged cache file is a miss, never an error.
+relative path, byte size, mtime_ns and ctime_ns: adding, removing, touching or replacing a file is a miss,
+and the stale entry is overwritten rather than left to pile up. The ctime is there because the mtime can
+be set back (`touch -r`, `cp -p`, `rsync -t`, unpacking an archive): a file replaced by another of the same
+size with its old mtime restored would otherwise serve the old pixels. Any write, rename or `touch`
+updates the ctime and nothing short of changing the clock sets it back; a chmod updates it too, which
+costs one decode. (On Windows st_ctime is the creation time: there only size and mtime tell.) A damaged
+cache file is a miss, never an error.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_FORMAT = 1  # bump when the decoding changes what the same file decodes to
+CACHE_FORMAT = 2  # bump when the decoding or the key changes (2: the key holds each file's ctime_ns)
 
 
 @dataclass
@@ -50,13 +55,13 @@ def cache_file(root: Path, settings: dict) -> Path:
 
 
 def content_key(root: Path, files: list[Path], classes: list[str], settings: dict) -> str:
-    """sha256 over the cache format, the settings, the class names and each file's path, size and mtime."""
+    """sha256 over the cache format, the settings, the class names and each file's path, size, mtime and ctime."""
     header = {"format": CACHE_FORMAT, "classes": classes, **settings}
     digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
     for path in files:
         try:
             stat = path.stat()
-            entry = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+            entry = f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\n"
         except OSError:  # vanished since it was listed: decoding will name it
             entry = f"{path.relative_to(root).as_posix()}\0missing\n"
         digest.update(entry.encode())

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import tandem
-from tandem.bundle import check_signing_key, is_bundle, read_manifest, sign_bundle, write_manifest
+from tandem.bundle import MANIFEST, SIGNATURE, check_signing_key, is_bundle, read_manifest, sign_bundle, write_manifest
 from tandem.config import TrainConfig
 from tandem.errors import UserError
 from tandem.train.checkpoint import Checkpoint, resolve_checkpoint
@@ -71,15 +71,22 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, path: Path, exp
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
 
 
-def held_out_data(cfg: TrainConfig) -> tuple[np.ndarray | None, np.ndarray | None, dict | None]:
-    """The run's preprocessed test split and its labels (None if the data is gone), and how it was read."""
+def held_out_data(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[np.ndarray | None, np.ndarray | None, dict | None]:
+    """The run's preprocessed test split and its labels, and how they were read. (None, None, ...) when the
+    data is gone or is no longer the data the model was trained on: its test split would then hold other
+    images, some of them perhaps trained on, and its accuracy would describe nothing."""
     from tandem.runtime.preprocess import preprocess
     from tandem.train.loop import load_splits
 
     try:
         splits = load_splits(cfg)
-    except UserError:
+    except UserError as err:
+        log(f"warning: the run's data cannot be read ({err}); the bundle will carry no test accuracy")
         return None, None, None
+    if fingerprint and splits.train.fingerprint() != fingerprint:
+        log(f"warning: the images in {cfg.data.source} changed since this checkpoint was trained; the bundle "
+            "will carry no test accuracy (parity is still checked)")
+        return None, None, splits.train.decode
     test = splits.test
     return preprocess(test.pixels, cfg.data.mean, cfg.data.std), test.labels, splits.train.decode
 
@@ -107,7 +114,9 @@ def _git_commit() -> str | None:
 
 
 def _check_out(out: Path, force: bool) -> None:
-    """--force replaces a bundle, never anything else: a wrong --out must not delete a user's folder."""
+    """--force replaces a bundle, never anything else: a wrong --out must not delete a user's files."""
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a link; give the folder itself ({out.resolve()})")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the bundle")
     if out.is_dir() and any(out.iterdir()):
@@ -116,6 +125,12 @@ def _check_out(out: Path, force: bool) -> None:
                             "--force: choose another --out")
         if not force:
             raise UserError(f"{out} already holds a bundle; pass --force to replace it or choose another --out")
+        listed = set(read_manifest(out, verify=False)["files"]) | {MANIFEST, SIGNATURE}
+        extra = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                       if p.is_file() and p.relative_to(out).as_posix() not in listed)
+        if extra:
+            raise UserError(f"{out} holds files that are not part of its bundle ({', '.join(extra[:3])}"
+                            f"{' ...' if len(extra) > 3 else ''}); move them out first, or choose another --out")
 
 
 def _training_metrics(found: Checkpoint) -> dict:
@@ -177,11 +192,11 @@ def export_bundle(source: str | Path, out: str | Path, name: str | None = None, 
     cfg = TrainConfig.model_validate(found.state["config"])
     classes = found.state["classes"]
     model = build_model(cfg, len(classes), found.model)
-    x_test, y_test, decode = held_out_data(cfg)
+    x_test, y_test, decode = held_out_data(cfg, found.state.get("data_fingerprint"), log)
     if x_test is None:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((256, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)).astype(np.float32)
-        parity_source = "256 random inputs (the training data is gone: no test accuracy)"
+        parity_source = "256 random inputs (no test accuracy: the training data is gone or changed)"
     else:
         x, parity_source = x_test[:256], f"{min(256, len(x_test))} test-split images"
 
@@ -195,8 +210,9 @@ def export_bundle(source: str | Path, out: str | Path, name: str | None = None, 
         session = ort.InferenceSession((tmp / "model.onnx").read_bytes(), providers=["CPUExecutionProvider"])
         diff = parity(model, session, x)
         if not diff <= atol:
-            raise ParityError(f"parity check failed: ONNX Runtime differs from torch by {diff:.3g} "
-                              f"(max abs logit) > {atol:g} on {parity_source}; nothing was written")
+            raise ParityError(f"parity check failed: ONNX Runtime differs from torch by {diff:.3g} (max abs logit) "
+                              f"> {atol:g} on {parity_source}; nothing was written. Large logits round further: if "
+                              f"the predictions agree, pass a larger --atol (e.g. --atol {10 * diff:.0e})")
         metrics = _training_metrics(found)
         if y_test is not None:
             guesses = _run_batches(session, x_test).argmax(1)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -42,21 +43,42 @@ class Predictor:
     def __init__(self, session: Any, manifest: dict, batch_size: int = 256) -> None:
         self.session = session
         self.manifest = manifest
-        self.labels: list[str] = manifest["labels"]
-        pre = manifest["preprocessing"]
-        self.image_size, self.channels = int(pre["image_size"]), int(pre["channels"])
-        # One number, or one per channel: either is what preprocess takes.
-        self.mean: float | list[float] = _number_or_list(pre["mean"])
-        self.std: float | list[float] = _number_or_list(pre["std"])
+        try:
+            self.labels: list[str] = [str(label) for label in manifest["labels"]]
+            pre = manifest["preprocessing"]
+            self.image_size, self.channels = int(pre["image_size"]), int(pre["channels"])
+            # One number, or one per channel: either is what preprocess takes.
+            self.mean: float | list[float] = _number_or_list(pre["mean"])
+            self.std: float | list[float] = _number_or_list(pre["std"])
+            resize = pre.get("resize", "squash")
+            self.input_name = manifest["inputs"][0]["name"]
+        except (KeyError, IndexError, TypeError, ValueError) as err:
+            raise UserError(f"the bundle's manifest.json lacks or garbles {err!s} (labels, preprocessing, inputs); "
+                            "re-export the bundle") from None
         preprocess(np.zeros((1, 1, 1, self.channels), np.uint8), self.mean, self.std)  # a bad manifest fails here
         # Bundles made before resize modes resized every image to a square ("resize": "bilinear" or nothing).
-        resize = pre.get("resize", "squash")
         self.resize: str = "squash" if resize == "bilinear" else resize
         if self.resize not in RESIZE_MODES:
             raise UserError(f"the bundle's preprocessing.resize is {resize!r}; this tandem knows "
                             f"{', '.join(RESIZE_MODES)}: upgrade tandem to run it")
-        self.input_name = manifest["inputs"][0]["name"]
         self.batch_size = batch_size
+
+    def _check_against_the_graph(self) -> None:
+        """The manifest is not hashed (it holds the hashes), but model.onnx is, and it records its own labels,
+        preprocessing and shapes: a manifest that disagrees with it was edited, and would mislabel answers."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        recorded = {key: json.loads(meta[f"tandem.{key}"]) for key in ("labels", "preprocessing") if f"tandem.{key}" in meta}
+        edited = [key for key, value in recorded.items() if value != self.manifest[key]]
+        inputs, outputs = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        if inputs.name != self.input_name:
+            edited.append("inputs")
+        if list(inputs.shape[1:]) != [self.channels, self.image_size, self.image_size] and "preprocessing" not in edited:
+            edited.append("preprocessing (channels, image_size)")
+        if isinstance(outputs.shape[-1], int) and outputs.shape[-1] != len(self.labels) and "labels" not in edited:
+            edited.append(f"labels ({len(self.labels)} for {outputs.shape[-1]} outputs)")
+        if edited:
+            raise UserError(f"the bundle's manifest.json disagrees with its model.onnx on {', '.join(edited)} (edited "
+                            "after export?); re-export the bundle")
 
     @classmethod
     def load(cls, bundle: str | Path, verify: bool = True, threads: int | None = None, batch_size: int = 256,
@@ -76,6 +98,8 @@ class Predictor:
             verify_bundle_signature(bundle, trusted_key)  # origin first: the manifest read next is the signed one
         manifest = read_manifest(bundle, verify=verify)
         model = read_bundle_file(bundle, manifest, "model.onnx")
+        if session_options is not None and threads:
+            raise UserError("give either session_options or threads (set session_options.intra_op_num_threads)")
         options = session_options
         if options is None:
             options = ort.SessionOptions()
@@ -89,7 +113,9 @@ class Predictor:
             session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types
             raise UserError(f"bundle {bundle}: ONNX Runtime cannot load model.onnx ({str(err).splitlines()[0]})") from None
-        return cls(session, manifest, batch_size)
+        predictor = cls(session, manifest, batch_size)
+        predictor._check_against_the_graph()
+        return predictor
 
     def pixels(self, images: Any) -> np.ndarray:
         """Any supported image form -> uint8 (N, H, W, C) at the bundle's size, channels and resize mode."""

@@ -196,5 +196,6 @@ def resolve_checkpoint(path: Path) -> Checkpoint:
         return read_checkpoint(path)
     found = best_checkpoint(path)
     if found is None:
-        raise UserError(f"{path} holds no usable checkpoint; train first (`tandem train out_dir={path}`)")
+        raise UserError(f"{path} holds no usable checkpoint; give the folder of a `tandem train` run "
+                        "(its out_dir) or one of its checkpoints/step-* folders")
     return found

@@ -32,7 +32,7 @@ from tandem.train.augment import augment
 from tandem.train.device import autocast_dtype, pick_device, pick_precision
 from tandem.train.finetune import inherit_from_bundle, load_bundle_weights
 from tandem.train.models import count_parameters, create_model
-from tandem.train.runs import new_run_dir
+from tandem.train.runs import link_latest, new_run_dir, remove_if_empty
 
 
 @dataclass
@@ -147,18 +147,22 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> TrainResult:
     # Deterministic kernels on CPU for this run only; the caller's setting comes back afterwards.
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    made = False
     try:
+        if not resume:  # a folder of its own (see train/runs.py)
+            cfg, made = new_run_dir(inherit_from_bundle(cfg) if cfg.init_from else cfg)
         return _train(cfg, resume, log)
+    except BaseException:
+        if made:
+            remove_if_empty(Path(cfg.out_dir))  # a run that could not start leaves no empty folder
+        raise
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
 
 
 def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
-    # 1. Where the run writes (a folder of its own), on what device, in what precision.
-    if not resume:
-        cfg = new_run_dir(inherit_from_bundle(cfg) if cfg.init_from else cfg)
+    # 1. Where the run writes, on what device, in what precision.
     run_dir = Path(cfg.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     amp_dtype = autocast_dtype(precision)
@@ -260,8 +264,10 @@ def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
 
 
 def _start_log(run_dir: Path, cfg: TrainConfig, step: int) -> Path:
-    """config.yaml as this run resolved it; metrics.jsonl cut back to what the resumed state has seen."""
+    """config.yaml as this run resolved it; metrics.jsonl cut back to what the resumed state has seen;
+    runs/latest moved here once the run has really started."""
     ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    link_latest(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() and step else []
     metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))

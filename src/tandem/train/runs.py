@@ -23,16 +23,27 @@ from tandem.errors import UserError
 RUNS_ROOT = Path("runs")
 LATEST = "latest"
 # What a resumed run may change without changing its data, its split, its model or its schedule.
-SAFE_ON_RESUME = ("progress", "checkpoint_every", "keep_checkpoints", "device", "overwrite")
-_RUN_MARKERS = ("config.yaml", "checkpoints", "metrics.jsonl", "results.json")
+SAFE_ON_RESUME = ("progress", "checkpoint_every", "keep_checkpoints", "device")
+# Everything a run writes in its folder (and the bundle folder its last log line suggests).
+RUN_FILES = {"config.yaml", "checkpoints", "metrics.jsonl", "results.json", "curves.png", "confusion.png", "bundle"}
 
 
 def is_run_folder(path: Path) -> bool:
-    return any((path / name).exists() for name in _RUN_MARKERS)
+    """A folder tandem may clear: it has a run's config.yaml and nothing but what a run writes
+    (temporary files start with '.'). A folder with anything else in it is the user's."""
+    names = {p.name for p in path.iterdir() if not p.name.startswith(".")}
+    return "config.yaml" in names and names <= RUN_FILES
 
 
-def _link_latest(run_dir: Path) -> None:
-    """Point runs/latest at the newest run (a relative link, replaced atomically)."""
+def foreign_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith(".") and p.name not in RUN_FILES)
+
+
+def link_latest(run_dir: Path) -> None:
+    """Point <runs>/latest at a run that has started in a folder called runs/ (a relative link, replaced
+    atomically), so that runs/latest always names the newest run there."""
+    if run_dir.parent.name != RUNS_ROOT.name or run_dir.name == LATEST:
+        return
     link = run_dir.parent / LATEST
     tmp = run_dir.parent / f".{LATEST}.tmp-{os.getpid()}"
     try:
@@ -44,34 +55,60 @@ def _link_latest(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def new_run_dir(cfg: TrainConfig) -> TrainConfig:
-    """Decide the folder of a new run and make it; returns the config with out_dir resolved.
+def new_run_dir(cfg: TrainConfig) -> tuple[TrainConfig, bool]:
+    """Decide the folder of a new run and make it; returns the config with out_dir (and data paths)
+    resolved, and whether the folder was made here (a run that fails to start removes it again).
 
     Empty out_dir: a fresh dated folder under runs/. A named folder must be empty or absent; one that
     holds another run is cleared only with overwrite=true; any other non-empty folder is refused."""
+    cfg = _absolute_paths(cfg)
     if not cfg.out_dir:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir, n = RUNS_ROOT / stamp, 1
-        while run_dir.exists():
-            n += 1
-            run_dir = RUNS_ROOT / f"{stamp}-{n}"
-        run_dir.mkdir(parents=True)
-        _link_latest(run_dir)
-        return cfg.model_copy(update={"out_dir": str(run_dir)})
+        while True:  # mkdir without exist_ok reserves the name, even against a run started the same second
+            try:
+                run_dir.mkdir(parents=True)
+                break
+            except FileExistsError:
+                n += 1
+                run_dir = RUNS_ROOT / f"{stamp}-{n}"
+        return cfg.model_copy(update={"out_dir": str(run_dir)}), True
     run_dir = Path(cfg.out_dir)
     if run_dir.is_symlink():
         run_dir = run_dir.resolve()  # runs/latest names the run it points at
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"out_dir {cfg.out_dir} is a file; give a folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    existed = run_dir.is_dir()
+    if existed and any(run_dir.iterdir()):
         if not is_run_folder(run_dir):
-            raise UserError(f"out_dir {cfg.out_dir} is not empty and holds no tandem run; choose another out_dir")
+            extra = foreign_files(run_dir)
+            raise UserError(f"out_dir {cfg.out_dir} is not empty and is not a tandem run "
+                            f"({', '.join(extra[:3]) or 'no config.yaml'}{' ...' if len(extra) > 3 else ''}); "
+                            "tandem never clears such a folder: choose another out_dir")
         if not cfg.overwrite:
             raise UserError(f"out_dir {cfg.out_dir} holds another run; resume it with `tandem train --resume "
                             f"{cfg.out_dir}`, pass overwrite=true to clear it, or leave out_dir unset for a new folder")
         shutil.rmtree(run_dir)
+        existed = False
     run_dir.mkdir(parents=True, exist_ok=True)
-    return cfg.model_copy(update={"out_dir": str(run_dir)})
+    return cfg.model_copy(update={"out_dir": str(run_dir)}), not existed
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """data.source and init_from as absolute paths, so resume and export work from any folder."""
+    data = cfg.data
+    if data.source != "animals" and Path(data.source).expanduser().exists():
+        data = data.model_copy(update={"source": str(Path(data.source).expanduser().resolve())})
+    init = str(Path(cfg.init_from).expanduser().resolve()) if cfg.init_from else ""
+    return cfg.model_copy(update={"data": data, "init_from": init})
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing anything leaves no empty folder behind."""
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass
 
 
 def _newest_state(run_dir: Path) -> dict | None:
