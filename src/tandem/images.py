@@ -350,7 +350,11 @@ def _decode_in_pool(paths: list[Path], size: int, channels: int, resize: str, wo
     chunks = iter([paths[i:i + chunk] for i in range(0, len(paths), chunk)])
     # Never fork: the training process runs torch threads, and a forked child can deadlock on their locks.
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=_ignore_sigint)
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # The server imports the decoder once; each worker is then a fork of it, ready at once (~0.1 s each saved).
+        context.set_forkserver_preload(["tandem.images", "PIL.Image", "PIL.JpegImagePlugin", "PIL.ImageOps"])
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_ignore_sigint)
     pending: deque = deque()
 
     def submit() -> None:
