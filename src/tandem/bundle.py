@@ -152,14 +152,23 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(f"bundle {folder} has format version {manifest.get('format_version')}; "
                         f"this tandem reads version {FORMAT_VERSION}")
-    files = _checked_files(folder, manifest)
+    _checked_files(folder, manifest)
     if verify:
-        for name, entry in files.items():
-            path = _path(folder, name)
-            if not path.is_file():
-                raise UserError(f"bundle {folder}: {name} is missing; {REEXPORT}")
-            _check(folder, name, entry, path.stat().st_size, sha256_file(path))
+        verify_files(folder, manifest)
     return manifest
+
+
+def verify_files(folder: str | Path, manifest: dict, skip: tuple[str, ...] = ()) -> None:
+    """Every listed file (but `skip`: those the caller reads and checks with read_bundle_file) must exist
+    and match its size and sha256."""
+    folder = Path(folder)
+    for name, entry in _checked_files(folder, manifest).items():
+        if name in skip:
+            continue
+        path = _path(folder, name)
+        if not path.is_file():
+            raise UserError(f"bundle {folder}: {name} is missing; {REEXPORT}")
+        _check(folder, name, entry, path.stat().st_size, sha256_file(path))
 
 
 def read_bundle_file(folder: str | Path, manifest: dict, name: str) -> bytes:

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from tandem.bundle import read_bundle_file, read_manifest, verify_bundle_signature
+from tandem.bundle import read_bundle_file, read_manifest, verify_bundle_signature, verify_files
 from tandem.errors import UserError
 from tandem.images import RESIZE_MODES, decode_file_batches, expand_paths, to_pixels
 from tandem.runtime.preprocess import preprocess
@@ -96,8 +96,10 @@ class Predictor:
         bundle = Path(bundle)
         if trusted_key is not None:
             verify_bundle_signature(bundle, trusted_key)  # origin first: the manifest read next is the signed one
-        manifest = read_manifest(bundle, verify=verify)
-        model = read_bundle_file(bundle, manifest, "model.onnx")
+        manifest = read_manifest(bundle, verify=False)
+        model = read_bundle_file(bundle, manifest, "model.onnx")  # checked here, on the bytes that are loaded
+        if verify:
+            verify_files(bundle, manifest, skip=("model.onnx",))
         if session_options is not None and threads:
             raise UserError("give either session_options or threads (set session_options.intra_op_num_threads)")
         options = session_options

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 
-from tandem.bundle import read_bundle_file, read_manifest
+from tandem.bundle import read_bundle_file, read_manifest, verify_files
 from tandem.config import TrainConfig
 from tandem.errors import UserError
 
@@ -25,7 +25,8 @@ INHERITED = {"model": ("name", "width"), "data": ("image_size", "channels", "mea
 
 def inherit_from_bundle(cfg: TrainConfig) -> TrainConfig:
     """cfg with the bundle's architecture and preprocessing filled in; refuses values set otherwise."""
-    manifest = read_manifest(cfg.init_from)
+    manifest = read_manifest(cfg.init_from, verify=False)
+    verify_files(cfg.init_from, manifest, skip=("weights.safetensors",))  # those are checked where they are loaded
     saved = manifest.get("config", {})
     updates, conflicts = {}, []
     for section, keys in INHERITED.items():
@@ -55,7 +56,7 @@ def classifier_head(model: torch.nn.Module) -> str:
 
 def load_bundle_weights(model: torch.nn.Module, bundle: str | Path, classes: list[str]) -> dict:
     """Load the bundle's verified weights into model; returns provenance (bundle, classes kept and new)."""
-    manifest = read_manifest(bundle)
+    manifest = read_manifest(bundle, verify=False)
     weights = load_safetensors(read_bundle_file(bundle, manifest, "weights.safetensors"))
     old = list(manifest["labels"])
     head = classifier_head(model)

@@ -112,11 +112,10 @@ def remove_if_empty(run_dir: Path) -> None:
 
 
 def _newest_state(run_dir: Path) -> dict | None:
-    """state.json of the newest checkpoint that has one (read as JSON: no torch needed to check a resume)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    for folder in sorted((p for p in root.iterdir() if p.name.startswith("step-")), reverse=True):
+    """state.json of the newest checkpoint that has one (just the JSON: the tensors are verified on resume)."""
+    from tandem.train.checkpoint import list_checkpoints
+
+    for folder in reversed(list_checkpoints(run_dir)):
         try:
             return json.loads((folder / "state.json").read_text())
         except (OSError, ValueError):
