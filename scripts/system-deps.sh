@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# What the tests need from the system, not from PyPI: Chromium (the web page's browser test, driven by
+# Playwright; never `playwright install`) and PostgreSQL 15 (the store's tests start a real server).
+# Installs what is missing with apt-get when run as root on Debian/Ubuntu; otherwise says what to install
+# (those tests are then skipped, each with its reason).
+set -euo pipefail
+missing=()
+command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/lib/postgresql/15/bin/initdb ] || missing+=(postgresql)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${missing[*]} (apt-get)"
+    apt-get install -y -q "${missing[@]}" >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null; }
+else
+    echo "note: ${missing[*]} missing; the tests that need them will be skipped (install: sudo apt-get install ${missing[*]})"
+fi
