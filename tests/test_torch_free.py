@@ -14,7 +14,23 @@ def _no_torch_after(code: str) -> None:
 
 def test_torch_free_modules_import_no_torch():
     _no_torch_after("import tandem.runtime, tandem.bundle, tandem.config, tandem.data, tandem.cli, "
-                    "tandem.runtime.preprocess, tandem.images, tandem.data.cache")
+                    "tandem.runtime.preprocess, tandem.images, tandem.data.cache, tandem.serve.app, "
+                    "tandem.serve.client, tandem.serve.triton")
+
+
+def test_serving_a_bundle_imports_no_torch(tiny_bundle, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_bundle, tmp_path / "repo" / "animals" / "1")
+    _no_torch_after(
+        "from fastapi.testclient import TestClient\n"
+        "from tandem.serve.app import create_app\n"
+        "from tandem.serve.config import ServeConfig\n"
+        f"cfg = ServeConfig.model_validate({{'store': {{'url': {str(tmp_path / 'db.sqlite')!r}}}, 'access_log': 'off'}})\n"
+        f"with TestClient(create_app({str(tmp_path / 'repo')!r}, cfg, log=print)) as client:\n"
+        "    body = {'inputs': [{'name': 'input', 'shape': [1, 1, 28, 28], 'datatype': 'FP32', 'data': [0.0] * 784}]}\n"
+        "    assert client.post('/v2/models/animals/infer', json=body).status_code == 200"
+    )
 
 
 def test_predicting_a_bundle_imports_no_torch(tiny_bundle, tmp_path):

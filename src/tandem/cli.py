@@ -2,10 +2,12 @@
 
     tandem demo                               train, export, and classify held-out animals
     tandem train [CONFIG.yaml] [key=value ...] [--resume RUN]
-    tandem export RUN --out BUNDLE [--sign KEY.pem]
+    tandem export RUN --out BUNDLE [--sign KEY.pem]   or   --repo REPO --name NAME (the next version)
     tandem predict BUNDLE PATH... [--top-k K] [--json] [--trusted-key PUBLIC.pem]
     tandem config                             every config key with its default
     tandem keygen KEY.pem PUBLIC.pem          a key pair for signed bundles
+    tandem serve REPO [--port P] [--config serve.yaml]   the Open Inference Protocol server
+    tandem client URL IMAGE... [--model M]    classify images on a server
 """
 
 from __future__ import annotations
@@ -77,11 +79,40 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _next_version(args) -> tuple[str, int]:
+    """--repo REPO --name NAME: the folder and number of NAME's next version."""
+    from pathlib import Path
+
+    from tandem.serve.config import check_model_name
+
+    if args.out:
+        raise UserError("give either --out BUNDLE or --repo REPO --name NAME, not both")
+    if not args.name:
+        raise UserError("--repo needs --name NAME: the model's folder in the repository")
+    check_model_name(args.name)
+    folder = Path(args.repo) / args.name
+    taken = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+    version = max(taken, default=0) + 1
+    return str(folder / str(version)), version
+
+
 def cmd_export(args) -> int:
     from tandem.export.onnx_bundle import export_bundle
 
-    out = export_bundle(args.run, args.out, name=args.name, version=args.version, atol=args.atol,
+    out, version = args.out, args.version
+    if args.repo:
+        out, version = _next_version(args)
+    elif not out:
+        raise UserError("give --out BUNDLE (a folder), or --repo REPO --name NAME to add a version to a model repository")
+    out = export_bundle(args.run, out, name=args.name, version=version, atol=args.atol,
                         exporter=args.exporter, force=args.force, sign=args.sign, log=_log_for(args))
+    if args.repo:
+        from tandem.bundle import read_manifest
+        from tandem.serve.triton import write_triton_config
+
+        config = write_triton_config(args.repo, args.name, read_manifest(out, verify=False))
+        _log_for(args)(f"model repository {args.repo}: {args.name} version {version} ({config} for Triton); a "
+                       f"running server picks it up on POST /v2/repository/models/{args.name}/load")
     if args.json:
         from tandem.bundle import read_manifest
 
@@ -115,6 +146,46 @@ def cmd_predict(args) -> int:
         print(f"error: {failed} file(s) could not be read; the others were classified", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_serve(args) -> int:
+    from tandem.serve.config import describe_serve_keys, load_serve_config
+
+    if args.help_config:
+        for key, default, text in describe_serve_keys():
+            print(f"{key:<32} {default!s:<30} {text}")
+        return 0
+    if not args.repo:
+        raise UserError("give the model repository: tandem serve REPO (folders REPO/<model>/<version>/)")
+    config = load_serve_config(args.config, {"host": args.host, "port": args.port})
+    if args.store:
+        config = config.model_copy(update={"store": config.store.model_copy(update={"url": args.store})})
+    if args.write_triton_config:
+        from tandem.bundle import read_manifest
+        from tandem.serve.repository import Repository
+        from tandem.serve.triton import write_triton_config
+
+        repository = Repository(args.repo, config)
+        for name in repository.names_on_disk():
+            latest = repository.wanted_versions(name, "all")[-1]
+            batching = config.batching_for(name)
+            path = write_triton_config(args.repo, name, read_manifest(f"{args.repo}/{name}/{latest}", verify=False),
+                                       max_batch_size=batching.max_batch_size, dynamic_batching=batching.enabled,
+                                       max_queue_delay_ms=batching.max_queue_delay_ms,
+                                       versions=config.model(name).versions, force=args.force)
+            print(f"wrote {path}")
+        return 0
+    from tandem.serve.app import serve
+
+    serve(args.repo, config)
+    return 0
+
+
+def cmd_client(args) -> int:
+    from tandem.serve.client import run_client
+
+    return run_client(args.url, args.images, model=args.model, version=args.version, top_k=args.top_k,
+                      token=args.token, as_json=args.json, feedback_label=args.feedback, timeout=args.timeout)
 
 
 def cmd_keygen(args) -> int:
@@ -190,9 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "checkpoint folder to a bundle. Fails, writing nothing, if ONNX Runtime and torch "
                                    "disagree. The bundle's test accuracy is measured with ONNX Runtime.")
     p.add_argument("run", help="run folder (train out_dir) or a checkpoint folder inside it")
-    p.add_argument("--out", required=True, help="bundle folder to write")
-    p.add_argument("--name", help="model name in the manifest (default: <data>-<model>)")
-    p.add_argument("--version", type=int, default=1, help="model version in the manifest (default: 1)")
+    p.add_argument("--out", help="bundle folder to write")
+    p.add_argument("--repo", metavar="REPO", help="instead of --out: add the next version of --name to this model "
+                   "repository (REPO/NAME/<n>/, and REPO/NAME/config.pbtxt for Triton)")
+    p.add_argument("--name", help="model name (default: <data>-<model>; with --repo, the model's folder)")
+    p.add_argument("--version", type=_positive_int, default=1, help="model version in the manifest (default: 1; "
+                   "with --repo, the next free number)")
     p.add_argument("--atol", type=_positive_float, default=1e-4, help="parity tolerance, max abs logit difference (default: 1e-4)")
     p.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
                    help="torch.onnx exporter (default: torchscript, much faster for these models)")
@@ -215,6 +289,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line (JSON Lines): {path, top_k} or {path, error}")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve a model repository over HTTP (Open Inference Protocol v2)",
+                       description="Serve REPO/<model>/<version>/ bundles over the Open Inference Protocol v2 "
+                                   "(tritonclient, KServe clients, curl), with /v1/models/<m>/classify for encoded "
+                                   "images, feedback, /metrics and a web page at /. Never imports torch.",
+                       epilog="tokens come from the environment: TANDEM_TOKEN (inference; when set, inference needs "
+                              "it) and TANDEM_ADMIN_TOKEN (load/unload models, read feedback). Every setting: "
+                              "`tandem serve --help-config`.")
+    p.add_argument("repo", nargs="?", help="the model repository: REPO/<model>/<version>/ bundle folders")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=_counted(0, 65535), help="port (default 8000)")
+    p.add_argument("--config", metavar="serve.yaml", help="serve settings (batching, versions, auth, store, limits)")
+    p.add_argument("--store", metavar="URL", help="prediction and feedback store: a SQLite path or postgresql://... "
+                   "(default: tandem-serve.sqlite here)")
+    p.add_argument("--help-config", action="store_true", help="list every serve setting with its default, and exit")
+    p.add_argument("--write-triton-config", action="store_true",
+                   help="write REPO/<model>/config.pbtxt for Triton from the serve settings, and exit")
+    p.add_argument("--force", action="store_true", help="with --write-triton-config: replace configs tandem did not write")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("client", help="classify images on a tandem server (what a device runs)",
+                       description="Send image files (folders searched recursively) to a `tandem serve` server and "
+                                   "print the top classes. Needs no torch, no ONNX Runtime.")
+    p.add_argument("url", help="the server, e.g. http://192.168.1.5:8000 (http:// may be left out)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--model", help="model name (default: the server's only model)")
+    p.add_argument("--version", type=_positive_int, help="model version (default: the latest)")
+    p.add_argument("--top-k", type=_positive_int, default=1, help="classes per image (default: %(default)s)")
+    p.add_argument("--token", help="inference token (default: $TANDEM_TOKEN)")
+    p.add_argument("--feedback", metavar="LABEL", help="also send LABEL as the true label of every image")
+    p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="JSON Lines: {path, prediction_id, model, version, top_k}")
+    p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("keygen", help="make a key pair for signing bundles",
                        description="Write an EC P-256 key pair as PEM files: the private one signs bundles "

@@ -163,21 +163,25 @@ def config_from_dict(tree: dict) -> TrainConfig:
         raise UserError(_explain(err)) from None
 
 
+def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict:
+    """A YAML file holding a mapping; UserError naming `what` (and the line) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist; {hint}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{what} {path} is not valid YAML{where}; fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{what} {path} must be a mapping of keys to values")
+    return tree
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML file (optional), apply `key=value` overrides, validate."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist; give a YAML file or only key=value overrides")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {path} is not valid YAML{where}; fix the syntax") from None
-        if not isinstance(tree, dict):
-            raise UserError(f"config file {path} must be a mapping of keys to values")
+    tree = {} if path is None else read_yaml_mapping(path, "config file", "give a YAML file or only key=value overrides")
     return config_from_dict(_merge(tree, parse_overrides(overrides or [])))
 
 

@@ -163,6 +163,36 @@ def load_image(path: str | Path, size: int, channels: int, resize: str = "crop")
         raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
 
 
+def decode_image_bytes(data: bytes, size: int, channels: int, resize: str = "crop",
+                       max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+    """An encoded image in memory (what a camera or a browser sends) -> (uint8 (size, size, channels), format).
+
+    Raises a UserError saying what is wrong. max_pixels: refuse larger images before decoding them.
+    """
+    import io
+
+    from PIL import Image
+
+    if not data:
+        raise UserError("the image is empty; send the bytes of a PNG, JPEG or BMP file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise UserError(f"the image is {width}x{height} pixels, more than the {max_pixels} this server "
+                                "decodes; send a smaller image")
+            fmt = image.format or "unknown"
+            _draft(image, size, channels, resize)
+            image.load()
+            return fit_pil(image, size, channels, resize, in_place=True), fmt
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - untrusted bytes: a crafted file can make Pillow raise anything
+        if type(err).__name__ == "UnidentifiedImageError":
+            raise UserError("the bytes are not an image Pillow can read; send a PNG, JPEG or BMP file") from None
+        raise UserError(f"cannot decode the image ({type(err).__name__}: {err}); send a PNG, JPEG or BMP file") from None
+
+
 def _folder_message(path: Path) -> str:
     return (f"{path} is a folder, not an image file; pass the image files in it, or use "
             "Predictor.predict_files / `tandem predict` for folders")

@@ -1,0 +1,557 @@
+"""The HTTP server: the Open Inference Protocol v2 over a model repository, plus images in, labels out.
+
+    tandem serve models/ --port 8000 [--config serve.yaml]
+
+    app = create_app(Path("models"), ServeConfig())      # a FastAPI app (ASGI); run it with uvicorn
+    serve(Path("models"), config)                        # what the CLI runs
+
+Endpoints: /v2/... (the protocol, with the binary tensor extension, classification and the model
+repository extension), /v1/models, /v1/models/{m}/classify and /feedback, /v1/feedback (admin), /metrics,
+and the web page at /. The OpenAPI document is at /openapi.json, browsable at /docs. Every error is
+{"error": "..."} with a 4xx status (503 when a model cannot run now, 504 past the request timeout).
+Inference runs off the event loop, in each model version's own thread. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import io
+import json
+import sys
+import time
+import traceback
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+import tandem
+from tandem.errors import UserError
+from tandem.images import decode_image_bytes
+from tandem.runtime.predictor import softmax
+from tandem.runtime.preprocess import preprocess
+from tandem.serve.config import ServeConfig, check_model_name, tokens
+from tandem.serve.metrics import CONTENT_TYPE_LATEST, Metrics
+from tandem.serve.protocol import (HEADER_LENGTH, NotFound, ProtocolError, decompress, encode_infer,
+                                   parse_infer)
+from tandem.serve.repository import ModelVersion, Repository, parse_version
+from tandem.serve.store import NotFound as UnknownPrediction
+from tandem.serve.store import PredictionRecord, Store, StoreError
+
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+_JSON_LIMIT = 1 << 16  # feedback and repository requests are small
+_OFF_LOOP_BYTES = 1 << 16  # bigger infer bodies are parsed in a thread, not on the event loop
+_STORED_TOP_K = 5
+
+
+class AuthError(ProtocolError):
+    status = 401
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> Response:
+    body = json.dumps({"error": message}).encode()
+    return Response(body, status, headers=headers, media_type="application/json")
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":")).encode(), status, media_type="application/json")
+
+
+class Server:
+    """What the routes share: the repository, the store, the metrics, the tokens and the limits."""
+
+    def __init__(self, repo: Path, config: ServeConfig, log: Callable[[str], None]) -> None:
+        self.config = config
+        self.log = log
+        self.metrics = Metrics()
+        self.repository = Repository(repo, config, on_batch=self.metrics.observe_batch, log=log)
+        self.token, self.admin_token = tokens(config.auth)
+        protect = config.auth.protect_inference
+        self.protect_inference = self.token is not None if protect is None else protect
+        if self.protect_inference and self.token is None:
+            raise UserError(f"auth.protect_inference is true but no inference token is set: export "
+                            f"{config.auth.token_env}=... or set auth.token_file")
+        self.store = Store(config.store.url, keep_images=config.store.keep_images,
+                           max_image_bytes=config.store.max_image_bytes,
+                           image_cache_bytes=config.store.image_cache_bytes, sync=config.store.sync)
+        self.limits = config.limits
+        self.access_log = _access_log(config.access_log)
+        page = resources.files("tandem.serve").joinpath("static/index.html")
+        self.page = page.read_bytes() if page.is_file() else None
+
+    # -- auth -------------------------------------------------------------------------------------------------
+    def check(self, request: Request, admin: bool = False) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        given_bytes = given.strip().encode() if scheme.lower() == "bearer" else b""
+        if admin:
+            if self.admin_token is None:
+                raise ProtocolError(f"admin endpoints are off: start the server with an admin token "
+                                    f"({self.config.auth.admin_token_env}=... or auth.admin_token_file)", 403)
+            if _same(given_bytes, self.admin_token):
+                return
+            if self.token is not None and _same(given_bytes, self.token):
+                raise ProtocolError("this needs the admin token, not the inference token", 403)
+            raise AuthError("missing or wrong admin token: send 'Authorization: Bearer <admin token>'")
+        if not self.protect_inference:
+            return
+        if _same(given_bytes, self.token) or (self.admin_token is not None and _same(given_bytes, self.admin_token)):
+            return
+        raise AuthError("missing or wrong token: send 'Authorization: Bearer <token>'")
+
+    # -- bodies -----------------------------------------------------------------------------------------------
+    async def body(self, request: Request, limit: int | None = None) -> bytes:
+        limit = limit or self.limits.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise ProtocolError(f"Content-Length {length!r} is not a number")
+            if int(length) > limit:
+                raise ProtocolError(f"the body is {length} bytes, more than this endpoint takes ({limit}; "
+                                    "limits.max_body_bytes)", 413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"the body is larger than this endpoint takes ({limit} bytes; "
+                                    "limits.max_body_bytes)", 413)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        request._body = body  # so request.form() can parse what was read  # noqa: SLF001
+        return decompress(body, request.headers.get("content-encoding"), self.limits.max_body_bytes)
+
+    async def json_body(self, request: Request) -> dict:
+        raw = await self.body(request, _JSON_LIMIT)
+        if not raw.strip():
+            return {}
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ProtocolError(f"the body is not valid JSON ({err})") from None
+        if not isinstance(value, dict):
+            raise ProtocolError("the body must be a JSON object")
+        return value
+
+    # -- running models ---------------------------------------------------------------------------------------
+    async def run(self, request: Request, model: ModelVersion, x: np.ndarray):
+        request.scope["tandem.model"] = (model.name, str(model.version))
+        result = await model.batcher.submit(x)
+        self.metrics.observe_run(model.name, model.version, result.queue_s, result.compute_s)
+        return result
+
+    async def record(self, model: ModelVersion, logits: np.ndarray, inputs: list[bytes], images: list[bytes | None],
+                     image_format: str, endpoint: str, latency: dict) -> list[str]:
+        """Log one prediction per image; returns their ids once the log has committed them."""
+        probs = softmax(logits.astype(np.float32, copy=True))
+        k = min(_STORED_TOP_K, probs.shape[1])
+        best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        now, rows, ids = time.time(), [], []
+        for row, order, raw, image in zip(probs, best, inputs, images):
+            pid = uuid.uuid4().hex
+            ids.append(pid)
+            top = [{"label": model.labels[j], "index": int(j), "probability": float(row[j])} for j in order]
+            rows.append(PredictionRecord(pid, model.name, model.version, now, hashlib.sha256(raw).hexdigest(), top,
+                                         latency["total"], latency["queue"], latency["compute"], endpoint,
+                                         image, image_format if image is not None else None))
+        start = time.perf_counter()
+        await self.store.add_predictions(rows)
+        self.metrics.child(self.metrics.store, model.name, str(model.version)).observe(time.perf_counter() - start)
+        return ids
+
+    async def with_timeout(self, work):
+        try:
+            return await asyncio.wait_for(work, self.limits.request_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"no answer within {self.limits.request_timeout_s:g} s "
+                                "(limits.request_timeout_s); the server is overloaded, retry later", 504) from None
+
+
+def _same(given: bytes, expected: str | None) -> bool:
+    return expected is not None and hmac.compare_digest(given, expected.encode())
+
+
+def _access_log(target: str):
+    if target == "off":
+        return None
+    if target == "-":
+        return sys.stderr
+    try:
+        return open(target, "a", buffering=1)  # noqa: SIM115 - kept open for the server's life
+    except OSError as err:
+        raise UserError(f"cannot open the access log {target} ({err.strerror}); fix access_log") from None
+
+
+def _npy(row: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, row, allow_pickle=False)
+    return buffer.getvalue()
+
+
+# -- the routes ---------------------------------------------------------------------------------------------------
+
+def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lists every endpoint
+    repo, limits = server.repository, server.limits
+    protocol, ours = ["Open Inference Protocol v2"], ["tandem"]
+
+    @app.get("/v2/health/live", tags=protocol, summary="200 while the server runs")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", tags=protocol, summary="200 once the models are loaded, else 400")
+    async def ready() -> Response:
+        return Response(status_code=200 if repo.ready else 400)
+
+    @app.get("/v2", tags=protocol, summary="server metadata")
+    async def server_metadata() -> Response:
+        return _json({"name": "tandem", "version": tandem.__version__, "extensions": EXTENSIONS})
+
+    def metadata(model: ModelVersion, versions: list[int]) -> dict:
+        return {"name": model.name, "versions": [str(v) for v in versions], "platform": "onnxruntime_onnx",
+                "inputs": [dict(item) for item in model.manifest["inputs"]],
+                "outputs": [dict(item) for item in model.manifest["outputs"]],
+                "parameters": {"labels": ",".join(model.labels)}}
+
+    @app.get("/v2/models/{model}", tags=protocol, summary="model metadata (latest version)")
+    async def model_metadata(request: Request, model: str) -> Response:
+        server.check(request)
+        found = repo.get(model)
+        return _json(metadata(found, sorted(repo.versions(model))))
+
+    @app.get("/v2/models/{model}/versions/{version}", tags=protocol, summary="model metadata")
+    async def version_metadata(request: Request, model: str, version: str) -> Response:
+        server.check(request)
+        found = repo.get(model, parse_version(version))
+        return _json(metadata(found, [found.version]))
+
+    @app.get("/v2/models/{model}/ready", tags=protocol, summary="200 when the model can run")
+    async def model_ready(request: Request, model: str) -> Response:
+        server.check(request)
+        repo.get(model)
+        return Response(status_code=200)
+
+    @app.get("/v2/models/{model}/versions/{version}/ready", tags=protocol, summary="200 when the version can run")
+    async def version_ready(request: Request, model: str, version: str) -> Response:
+        server.check(request)
+        repo.get(model, parse_version(version))
+        return Response(status_code=200)
+
+    infer_body = {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": {"type": "object"}},
+            "outputs": {"type": "array", "items": {"type": "object"}}}}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    async def infer(request: Request, name: str, version: int | None) -> Response:
+        server.check(request)
+        started = time.perf_counter()
+        body = await server.body(request)
+        model = repo.acquire(name, version)
+        try:
+            header = request.headers.get(HEADER_LENGTH)
+            if len(body) > _OFF_LOOP_BYTES:
+                parsed = await asyncio.to_thread(parse_infer, body, header, model.spec, limits.max_images_per_request)
+            else:
+                parsed = parse_infer(body, header, model.spec, limits.max_images_per_request)
+            result = await server.run(request, model, parsed.array)
+        finally:
+            repo.release(model)
+        rows = [row.tobytes() for row in parsed.array]
+        latency = {"queue": result.queue_s * 1e3, "compute": result.compute_s * 1e3,
+                   "total": (time.perf_counter() - started) * 1e3}
+        keep = server.config.store.keep_images
+        ids = await server.record(model, result.output, rows, [_npy(r) for r in parsed.array] if keep else [None] * len(rows),
+                                  "npy", "infer", latency)
+        out, headers = encode_infer(model.name, model.version, parsed, result.output, model.labels,
+                                    {"prediction_ids": ",".join(ids)})
+        return Response(out, 200, headers=headers)
+
+    @app.post("/v2/models/{model}/infer", tags=protocol, summary="run the latest version", openapi_extra=infer_body)
+    async def infer_latest(request: Request, model: str) -> Response:
+        return await server.with_timeout(infer(request, model, None))
+
+    @app.post("/v2/models/{model}/versions/{version}/infer", tags=protocol, summary="run one version",
+              openapi_extra=infer_body)
+    async def infer_version(request: Request, model: str, version: str) -> Response:
+        return await server.with_timeout(infer(request, model, parse_version(version)))
+
+    @app.post("/v2/repository/index", tags=protocol, summary="every model and version in the repository (admin)")
+    async def repository_index(request: Request) -> Response:
+        server.check(request, admin=True)
+        body = await server.json_body(request)
+        rows = repo.index()
+        if body.get("ready") is True:
+            rows = [row for row in rows if row["state"] == "READY"]
+        return _json(rows)
+
+    @app.post("/v2/repository/models/{model}/load", tags=protocol,
+              summary="load or reload a model (admin); parameters.versions=[n] pins versions, for a rollback")
+    async def repository_load(request: Request, model: str) -> Response:
+        server.check(request, admin=True)
+        check_model_name(model)
+        params = (await server.json_body(request)).get("parameters") or {}
+        versions = params.get("versions") if isinstance(params, dict) else None
+        if versions is not None:
+            if isinstance(versions, str):  # tritonclient sends parameter values as given; allow "1,2"
+                versions = [parse_version(v) for v in versions.split(",") if v.strip()]
+            elif isinstance(versions, int) and not isinstance(versions, bool):
+                versions = [parse_version(versions)]
+            elif isinstance(versions, list) and versions:
+                versions = [parse_version(v) for v in versions]
+            else:
+                raise ProtocolError("parameters.versions must be a version number, a list of them, or \"1,2\"")
+        loaded = await repo.load(model, versions)
+        server.metrics.loaded.clear()
+        for name, found in repo.loaded().items():
+            for number in found:
+                server.metrics.loaded.labels(name, str(number)).set(1)
+        server.log(f"model {model}: loaded version(s) {', '.join(map(str, loaded))} on request")
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{model}/unload", tags=protocol, summary="unload a model (admin)")
+    async def repository_unload(request: Request, model: str) -> Response:
+        server.check(request, admin=True)
+        await server.json_body(request)
+        await repo.unload(model)
+        server.metrics.loaded.clear()
+        for name, found in repo.loaded().items():
+            for number in found:
+                server.metrics.loaded.labels(name, str(number)).set(1)
+        return Response(status_code=200)
+
+    # -- tandem's own endpoints --------------------------------------------------------------------------------
+    @app.get("/v1/models", tags=ours, summary="the loaded models with their versions and labels")
+    async def list_models(request: Request) -> Response:
+        server.check(request)
+        models = []
+        for name, versions in sorted(repo.loaded().items()):
+            latest = versions[max(versions)]
+            models.append({"name": name, "versions": sorted(versions), "latest": latest.version,
+                           "labels": latest.labels, "input": latest.manifest["inputs"][0],
+                           "preprocessing": latest.manifest["preprocessing"]})
+        return _json({"models": models})
+
+    classify_body = {"requestBody": {"required": True, "content": {
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "image": {"type": "string", "format": "binary"}}, "required": ["image"]}}}}}
+
+    @app.post("/v1/models/{model}/classify", tags=ours, openapi_extra=classify_body,
+              summary="classify one encoded image (raw body, or multipart field 'image'): top-k labels")
+    async def classify(request: Request, model: str, top_k: int | None = None, version: int | None = None) -> Response:
+        return await server.with_timeout(_classify(request, model, top_k, version))
+
+    async def _classify(request: Request, name: str, top_k: int | None, version: int | None) -> Response:
+        server.check(request)
+        started = time.perf_counter()
+        if version is not None:
+            version = parse_version(version)
+        data = await server.body(request)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            data = await _form_image(request)
+        model = repo.acquire(name, version)
+        try:
+            k = server.config.top_k if top_k is None else top_k
+            if k < 1:
+                raise ProtocolError(f"top_k must be at least 1, got {k}")
+            p = model.predictor
+            try:
+                pixels, image_format = await asyncio.to_thread(decode_image_bytes, data, p.image_size, p.channels,
+                                                               p.resize, limits.max_image_pixels)
+            except UserError as err:
+                raise ProtocolError(str(err)) from None
+            x = preprocess(pixels[None], p.mean, p.std)
+            result = await server.run(request, model, x)
+        finally:
+            repo.release(model)
+        latency = {"queue": result.queue_s * 1e3, "compute": result.compute_s * 1e3,
+                   "total": (time.perf_counter() - started) * 1e3}
+        [pid] = await server.record(model, result.output, [data], [data], image_format, "classify", latency)
+        probs = softmax(result.output.astype(np.float32, copy=True))[0]
+        order = np.argsort(-probs, kind="stable")[:min(k, len(probs))]
+        return _json({"prediction_id": pid, "model": model.name, "version": model.version,
+                      "top_k": [{"label": model.labels[j], "index": int(j), "probability": float(probs[j])} for j in order],
+                      "latency_ms": {key: round(value, 3) for key, value in latency.items()}})
+
+    async def _form_image(request: Request) -> bytes:
+        try:
+            form = await request.form(max_files=4, max_fields=16)
+        except Exception as err:  # noqa: BLE001 - python-multipart raises several types for a malformed body
+            raise ProtocolError(f"the multipart body cannot be read ({err}); send the image as the raw body or "
+                                "as the multipart field 'image'") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            upload = next((value for value in form.values() if not isinstance(value, str)), None)
+        if upload is None:
+            raise ProtocolError("the multipart body holds no file; send the image in the field 'image'")
+        return await upload.read()
+
+    feedback_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["prediction_id", "label"],
+        "properties": {"prediction_id": {"type": "string"}, "label": {"type": "string"}}}}}}}
+
+    @app.post("/v1/models/{model}/feedback", tags=ours, openapi_extra=feedback_body,
+              summary="the true label of an earlier prediction (stored with its image, for learning)")
+    async def feedback(request: Request, model: str) -> Response:
+        server.check(request)
+        body = await server.json_body(request)
+        pid, label = body.get("prediction_id"), body.get("label")
+        if not isinstance(pid, str) or not pid or not isinstance(label, str) or not label:
+            raise ProtocolError("send JSON {\"prediction_id\": \"...\", \"label\": \"...\"}")
+        labels = repo.get(model).labels
+        if label not in labels:
+            raise ProtocolError(f"label {label!r} is not one of model {model}'s labels: {', '.join(labels)}")
+        feedback_id, stored = await server.with_timeout(server.store.add_feedback(pid, label, model))
+        return _json({"feedback_id": feedback_id, "prediction_id": pid, "label": label, "image_stored": stored})
+
+    @app.get("/v1/feedback", tags=ours, summary="feedback received, oldest first (admin)")
+    async def list_feedback(request: Request, model: str | None = None, limit: int = 100, after: int = 0) -> Response:
+        server.check(request, admin=True)
+        if model is not None:
+            check_model_name(model)
+        if not 1 <= limit <= 1000 or after < 0:
+            raise ProtocolError("limit must be 1 to 1000 and after at least 0")
+        rows = await asyncio.to_thread(server.store.feedback, model, limit, after)
+        return _json({"feedback": rows})
+
+    @app.get("/v1/feedback/{feedback_id}/image", tags=ours, summary="the image stored with a feedback (admin)")
+    async def feedback_image(request: Request, feedback_id: int) -> Response:
+        server.check(request, admin=True)
+        found = await asyncio.to_thread(server.store.feedback_image, feedback_id)
+        if found is None:
+            raise NotFound(f"feedback {feedback_id} has no stored image")
+        data, image_format = found
+        media = "application/octet-stream" if image_format in (None, "npy") else f"image/{image_format.lower()}"
+        return Response(data, 200, media_type=media)
+
+    @app.get("/metrics", tags=ours, summary="Prometheus metrics")
+    async def metrics(request: Request) -> Response:
+        if server.config.auth.protect_metrics:
+            server.check(request, admin=True)
+        return Response(server.metrics.render(), 200, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", tags=ours, summary="the web page: classify an image, send feedback", include_in_schema=False)
+    async def page() -> Response:
+        if server.page is None:
+            raise NotFound("the web page is not installed with this tandem")
+        return Response(server.page, 200, media_type="text/html; charset=utf-8")
+
+
+# -- errors and the access log ----------------------------------------------------------------------------------------
+
+def _handlers(app: FastAPI, server: Server) -> None:
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, err: UserError) -> Response:
+        status = 404 if isinstance(err, UnknownPrediction) else 503 if isinstance(err, StoreError) else getattr(err, "status", 400)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return _error(status, str(err).splitlines()[0] if str(err) else type(err).__name__, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(request: Request, err: RequestValidationError) -> Response:
+        first = err.errors()[0] if err.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+        return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> Response:
+        message = {404: f"no such endpoint {request.url.path}; see /docs",
+                   405: f"{request.method} is not allowed on {request.url.path}; see /docs"}.get(err.status_code, str(err.detail))
+        return _error(err.status_code, message, getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> Response:
+        server.log("error: unexpected failure on " + request.url.path + "\n" + "".join(traceback.format_exception(err)))
+        return _error(500, "internal error; the server log has the details")
+
+
+class _AccessLog:
+    """Pure ASGI middleware: one JSON line and the request metrics per HTTP request."""
+
+    def __init__(self, app, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status, sent = [500], [0]
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            elif message["type"] == "http.response.body":
+                sent[0] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            seconds = time.perf_counter() - started
+            route = scope.get("route")
+            endpoint = getattr(route, "name", None) or "unknown"
+            model, version = scope.get("tandem.model", ("", ""))
+            self.server.metrics.observe_request(endpoint, model, version, status[0], seconds)
+            if self.server.access_log is not None:
+                client = scope.get("client") or ("", 0)
+                line = {"time": round(time.time(), 3), "client": client[0], "method": scope["method"],
+                        "path": scope["path"], "status": status[0], "ms": round(seconds * 1e3, 3),
+                        "endpoint": endpoint, "model": model or None, "version": version or None, "bytes_out": sent[0]}
+                self.server.access_log.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+def create_app(repo: str | Path, config: ServeConfig | None = None, log: Callable[[str], None] | None = None) -> FastAPI:
+    """The server for a model repository; models load when the app starts (its lifespan)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        raise UserError(f"model repository {repo} is not a folder; make one with "
+                        f"`tandem export RUN --repo {repo} --name NAME`")
+    config = config or ServeConfig()
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    server = Server(repo, config, log)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.store.start()
+        await server.repository.load_all()
+        for name, found in server.repository.loaded().items():
+            for number in found:
+                server.metrics.loaded.labels(name, str(number)).set(1)
+        if not server.repository.loaded():
+            log(f"warning: no model loaded from {repo}; add one with `tandem export RUN --repo {repo} --name NAME`, "
+                "then POST /v2/repository/models/NAME/load")
+        try:
+            yield
+        finally:
+            await server.repository.close()
+            await asyncio.to_thread(server.store.close)  # writes what is queued; blocks, so off the loop
+
+    app = FastAPI(title="tandem serve", version=tandem.__version__, lifespan=lifespan, redoc_url=None,
+                  description="Open Inference Protocol v2 (KServe v2, Triton) over a repository of tandem bundles, "
+                              "plus images in, labels out, feedback, and metrics.")
+    app.state.server = server
+    _routes(app, server)
+    _handlers(app, server)
+    app.add_middleware(_AccessLog, server=server)
+    return app
+
+
+def serve(repo: str | Path, config: ServeConfig) -> None:
+    """Run the server until interrupted (what `tandem serve` does)."""
+    import uvicorn
+
+    app = create_app(repo, config)
+    where = f"http://{config.host}:{config.port}"
+    print(f"tandem serve: {repo} on {where} (web page {where}/, API {where}/docs); store {config.store.url}; "
+          f"inference {'needs a token' if app.state.server.protect_inference else 'open'}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=10, server_header=False)

@@ -1,0 +1,122 @@
+"""Dynamic batching: requests queued on the event loop run together, off the loop, on one model thread.
+
+    batcher = Batcher(run, BatchingConfig(max_batch_size=64, max_queue_delay_ms=2))
+    result = await batcher.submit(x)      # x: (n, ...) float32; result.output[:n], result.queue_s, result.compute_s
+    await batcher.close()                 # the queued requests finish first
+
+The first request of a batch waits at most `max_queue_delay_ms` for others; a batch holds at most
+`max_batch_size` images (a larger request runs alone). While a batch computes, the next one gathers, so
+under load batches fill without waiting. With batching off each request runs alone, one after another.
+Queue time (submit to start of its batch) and compute time (the batch's run) are measured apart.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from tandem.serve.config import BatchingConfig
+from tandem.serve.protocol import Unavailable
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    output: np.ndarray
+    queue_s: float
+    compute_s: float
+    batch_size: int
+
+
+class Batcher:
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], settings: BatchingConfig, name: str = "model",
+                 on_batch: Callable[[int, float], None] | None = None) -> None:
+        self._run = run
+        self.settings = settings
+        self.name = name
+        self._on_batch = on_batch
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tandem-{name}")
+        self._queue: deque[tuple[np.ndarray, asyncio.Future, float]] = deque()
+        self._queued_images = 0
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{name}")
+
+    @property
+    def queued(self) -> int:
+        return self._queued_images
+
+    async def submit(self, x: np.ndarray) -> BatchResult:
+        if self._closing:
+            raise Unavailable(f"{self.name} is being unloaded; retry")
+        if self._queued_images + len(x) > self.settings.max_queue_size:
+            raise Unavailable(f"{self.name}: {self._queued_images} images are queued (batching.max_queue_size "
+                              f"{self.settings.max_queue_size}); retry later")
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((x, future, time.perf_counter()))
+        self._queued_images += len(x)
+        self._wakeup.set()
+        return await future
+
+    def _take(self) -> list[tuple[np.ndarray, asyncio.Future, float]]:
+        limit = self.settings.max_batch_size if self.settings.enabled else 1
+        taken, images = [], 0
+        while self._queue:
+            n = len(self._queue[0][0])
+            if taken and (not self.settings.enabled or images + n > limit):
+                break
+            item = self._queue.popleft()
+            self._queued_images -= n
+            if not item[1].done():  # a request that timed out or was cancelled is not run
+                taken.append(item)
+                images += n
+        return taken
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self.settings.max_queue_delay_ms / 1000
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.settings.enabled and delay > 0 and self._queued_images < self.settings.max_batch_size:
+                wait = self._queue[0][2] + delay - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            batch = self._take()
+            if not batch:
+                continue
+            x = batch[0][0] if len(batch) == 1 else np.concatenate([item[0] for item in batch])
+            start = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._executor, self._run, x)
+            except Exception as err:  # noqa: BLE001 - every waiter hears of it; the loop goes on
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(err)
+                continue
+            compute = time.perf_counter() - start
+            if self._on_batch is not None:
+                self._on_batch(len(x), compute)
+            offset = 0
+            for item, future, queued_at in batch:
+                n = len(item)
+                if not future.done():
+                    future.set_result(BatchResult(out[offset:offset + n], start - queued_at, compute, len(x)))
+                offset += n
+
+    async def close(self) -> None:
+        """Finish what is queued, then stop the model thread."""
+        self._closing = True
+        self._wakeup.set()
+        await self._task
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,271 @@
+"""The model repository: REPO/<model>/<version>/ bundles, loaded, warmed up and swapped without downtime.
+
+    repo = Repository(Path("models"), config)
+    await repo.load_all()                    # at start: every model, the versions its policy names
+    version = repo.acquire("animals")        # the latest loaded version (or acquire("animals", 2))
+    try: ... await version.batcher.submit(x) ...
+    finally: repo.release(version)
+    await repo.load("animals")               # pick up new versions: verify, warm up, then switch
+    await repo.load("animals", [1])          # roll back to version 1
+    await repo.unload("animals")
+
+A load verifies every file's hash and warms the model up in a worker thread while the current versions
+keep serving; only then does the routing table switch, in one step on the event loop. A version that
+leaves the table finishes the requests it holds before its model thread stops. A bundle that fails
+(tampered, broken, wrong files) leaves the current versions serving and the load fails with the reason.
+The layout is Triton's (REPO/<model>/config.pbtxt beside the version folders), so Triton or KServe can
+serve the same folder. Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tandem.bundle import MANIFEST
+from tandem.errors import UserError
+from tandem.serve.batching import Batcher
+from tandem.serve.config import MODEL_NAME, BatchingConfig, ServeConfig, check_model_name
+from tandem.serve.protocol import NotFound, ProtocolError, TensorSpec, Unavailable
+
+def parse_version(text: str | int) -> int:
+    try:
+        version = int(text)
+    except (TypeError, ValueError):
+        raise ProtocolError(f"invalid version {text!r}: versions are positive whole numbers") from None
+    if version < 1 or str(text).strip() != str(version):
+        raise ProtocolError(f"invalid version {text!r}: versions are positive whole numbers")
+    return version
+
+
+@dataclass
+class ModelVersion:
+    """One loaded bundle: its predictor, its batcher, and the requests it is serving now."""
+
+    name: str
+    version: int
+    path: Path
+    manifest: dict
+    manifest_digest: str
+    predictor: object
+    spec: TensorSpec
+    batcher: Batcher
+    loaded_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.predictor.labels
+
+    async def retire(self) -> None:
+        """Out of the routing table already: wait for the requests it holds, then stop its thread."""
+        if self.in_flight:
+            await self.drained.wait()
+        await self.batcher.close()
+
+
+def _open_version(path: Path, threads: int, warm_sizes: tuple[int, ...]) -> tuple[object, dict, str, TensorSpec]:
+    """In a worker thread: verify the bundle, open it in ONNX Runtime, run it once per batch size."""
+    from tandem.runtime import Predictor
+
+    predictor = Predictor.load(path, threads=threads or None)
+    manifest = predictor.manifest
+    try:
+        spec = TensorSpec.from_manifest(manifest)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise UserError(f"{path}: manifest.json lacks its inputs/outputs; re-export the bundle") from None
+    for n in warm_sizes:
+        predictor.session.run(None, {spec.input_name: np.zeros((n, *spec.input_shape), np.float32)})
+    digest = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+    return predictor, manifest, digest, spec
+
+
+class Repository:
+    def __init__(self, root: Path, config: ServeConfig,
+                 on_batch: Callable[[str, int, int, float], None] | None = None,
+                 log: Callable[[str], None] = print) -> None:
+        self.root = Path(root)
+        self.config = config
+        self._models: dict[str, dict[int, ModelVersion]] = {}
+        self._errors: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._on_batch = on_batch
+        self._log = log
+        self.started = False
+
+    # -- what is on disk --------------------------------------------------------------------------------------
+    def names_on_disk(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and MODEL_NAME.match(p.name)
+                      and any(self._version_dirs(p.name)))
+
+    def _version_dirs(self, name: str) -> list[int]:
+        folder = self.root / name
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+                      and p.name == str(int(p.name)))
+
+    def wanted_versions(self, name: str, versions: list[int] | None = None) -> list[int]:
+        on_disk = self._version_dirs(name)
+        if not on_disk:
+            raise NotFound(f"model {name!r} is not in the repository {self.root} (no {self.root / name}/<version>/ "
+                           "bundle folders)")
+        policy = versions if versions is not None else self.config.model(name).versions
+        if policy == "latest":
+            return on_disk[-1:]
+        if policy == "all":
+            return on_disk
+        missing = sorted(set(policy) - set(on_disk))
+        if missing:
+            raise NotFound(f"model {name!r} has no version {', '.join(map(str, missing))} in the repository "
+                           f"(versions on disk: {', '.join(map(str, on_disk))})")
+        return sorted(set(policy))
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    async def load_all(self) -> None:
+        for name in self.names_on_disk():
+            try:
+                await self.load(name)
+            except UserError as err:
+                self._log(f"error: model {name} not loaded: {err}")
+        self.started = True
+
+    def _batching(self, name: str) -> BatchingConfig:
+        return self.config.batching_for(name)
+
+    async def load(self, name: str, versions: list[int] | None = None) -> list[int]:
+        """Load (or reload) a model's versions: all verified and warm before the switch. Returns the versions."""
+        check_model_name(name)
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            try:
+                return await self._load(name, versions)
+            except UserError as err:
+                self._errors[name] = str(err)
+                raise
+
+    async def _load(self, name: str, versions: list[int] | None) -> list[int]:
+        wanted = self.wanted_versions(name, versions)
+        current = self._models.get(name, {})
+        batching = self._batching(name)
+        sizes = (1, batching.max_batch_size) if batching.enabled and batching.max_batch_size > 1 else (1,)
+        new: dict[int, ModelVersion] = {}
+        try:
+            for version in wanted:
+                path = self.root / name / str(version)
+                old = current.get(version)
+                if old is not None and old.manifest_digest == _digest(path):
+                    new[version] = old  # unchanged: keep serving it as it is
+                    continue
+                try:
+                    predictor, manifest, digest, spec = await asyncio.to_thread(
+                        _open_version, path, self.config.threads, sizes)
+                except UserError as err:
+                    raise UserError(f"model {name} version {version} refused: {err}") from None
+                new[version] = self._version(name, version, path, predictor, manifest, digest, spec, batching)
+        except BaseException:
+            for version, loaded in new.items():
+                if current.get(version) is not loaded:
+                    await loaded.batcher.close()
+            raise
+        self._models[name] = new  # the switch: one assignment on the event loop
+        self._errors.pop(name, None)
+        retired = [v for k, v in current.items() if new.get(k) is not v]
+        for old in retired:
+            await old.retire()
+        self._log(f"model {name}: serving version(s) {', '.join(map(str, sorted(new)))}")
+        return sorted(new)
+
+    def _version(self, name, version, path, predictor, manifest, digest, spec, batching) -> ModelVersion:
+        def on_batch(size: int, seconds: float) -> None:
+            if self._on_batch is not None:
+                self._on_batch(name, version, size, seconds)
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return predictor.session.run(None, {spec.input_name: x})[0]
+
+        batcher = Batcher(run, batching, f"{name}/{version}", on_batch)
+        return ModelVersion(name, version, path, manifest, digest, predictor, spec, batcher)
+
+    async def unload(self, name: str) -> None:
+        check_model_name(name)
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            current = self._models.pop(name, None)
+            self._errors.pop(name, None)
+            if current is None:
+                raise NotFound(f"model {name!r} is not loaded")
+            for version in current.values():
+                await version.retire()
+            self._log(f"model {name}: unloaded")
+
+    async def close(self) -> None:
+        for name in list(self._models):
+            for version in self._models.pop(name).values():
+                await version.retire()
+
+    # -- serving ----------------------------------------------------------------------------------------------
+    def versions(self, name: str) -> dict[int, ModelVersion]:
+        check_model_name(name)
+        loaded = self._models.get(name)
+        if not loaded:
+            if name in self._errors:
+                raise Unavailable(f"model {name!r} is not available: {self._errors[name]}")
+            raise NotFound(f"unknown model {name!r}; loaded models: {', '.join(sorted(self._models)) or 'none'}")
+        return loaded
+
+    def get(self, name: str, version: int | None = None) -> ModelVersion:
+        loaded = self.versions(name)
+        if version is None:
+            return loaded[max(loaded)]
+        if version not in loaded:
+            raise NotFound(f"model {name!r} has no version {version} loaded (loaded: "
+                           f"{', '.join(map(str, sorted(loaded)))})")
+        return loaded[version]
+
+    def acquire(self, name: str, version: int | None = None) -> ModelVersion:
+        """The version to run, held until release(): an unload waits for it. No await in between: atomic."""
+        found = self.get(name, version)
+        found.in_flight += 1
+        found.drained.clear()
+        return found
+
+    @staticmethod
+    def release(version: ModelVersion) -> None:
+        version.in_flight -= 1
+        if version.in_flight == 0:
+            version.drained.set()
+
+    def loaded(self) -> dict[str, dict[int, ModelVersion]]:
+        return dict(self._models)
+
+    @property
+    def ready(self) -> bool:
+        return self.started and bool(self._models)
+
+    def index(self) -> list[dict]:
+        rows = []
+        for name in sorted(set(self.names_on_disk()) | set(self._models)):
+            loaded = self._models.get(name, {})
+            for version in sorted(set(self._version_dirs(name)) | set(loaded)):
+                row = {"name": name, "version": str(version), "state": "READY" if version in loaded else "UNAVAILABLE"}
+                if version not in loaded:
+                    row["reason"] = self._errors.get(name, "not loaded (version policy, or unloaded)")
+                rows.append(row)
+        return rows
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
