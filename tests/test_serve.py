@@ -427,3 +427,16 @@ def test_export_to_a_repository_adds_versions_and_a_triton_config(tiny_run, tmp_
     assert proc.returncode == 2 and "--name" in proc.stderr
     with running_server(repo, _config(tmp_path)) as base:
         assert json.loads(request(base + "/v2/models/animals")[2])["versions"] == ["2"]
+    # the serve settings rewrite tandem's config.pbtxt; a user's own is kept, by export and by serve
+    settings = tmp_path / "serve.yaml"
+    settings.write_text("batching: {max_batch_size: 32, max_queue_delay_ms: 5}\nmodels: {animals: {versions: all}}\n")
+    run_tandem("serve", str(repo), "--config", str(settings), "--write-triton-config", check=True)
+    config = parse((repo / "animals" / "config.pbtxt").read_text())
+    assert config.max_batch_size == 32 and config.dynamic_batching.max_queue_delay_microseconds == 5000
+    assert config.version_policy.WhichOneof("policy_choice") == "all"
+    (repo / "animals" / "config.pbtxt").write_text('name: "animals"\nplatform: "onnxruntime_onnx"\n')
+    proc = run_tandem("export", str(tiny_run.run_dir), "--repo", str(repo), "--name", "animals", check=True)
+    assert "left as it is" in proc.stdout + proc.stderr and (repo / "animals" / "3").is_dir()
+    assert (repo / "animals" / "config.pbtxt").read_text().startswith('name: "animals"')
+    proc = run_tandem("serve", str(repo), "--write-triton-config")
+    assert proc.returncode == 2 and "--force" in proc.stderr

@@ -97,6 +97,8 @@ def _next_version(args) -> tuple[str, int]:
 
 
 def cmd_export(args) -> int:
+    from pathlib import Path
+
     from tandem.export.onnx_bundle import export_bundle
 
     out, version = args.out, args.version
@@ -108,11 +110,16 @@ def cmd_export(args) -> int:
                         exporter=args.exporter, force=args.force, sign=args.sign, log=_log_for(args))
     if args.repo:
         from tandem.bundle import read_manifest
-        from tandem.serve.triton import write_triton_config
+        from tandem.serve.triton import CONFIG_FILE, is_tandem_config, write_triton_config
 
-        config = write_triton_config(args.repo, args.name, read_manifest(out, verify=False))
-        _log_for(args)(f"model repository {args.repo}: {args.name} version {version} ({config} for Triton); a "
-                       f"running server picks it up on POST /v2/repository/models/{args.name}/load")
+        config = Path(args.repo) / args.name / CONFIG_FILE
+        if is_tandem_config(config):
+            write_triton_config(args.repo, args.name, read_manifest(out, verify=False))
+            kept = f"{config} for Triton"
+        else:
+            kept = f"your own {config} left as it is"
+        _log_for(args)(f"model repository {args.repo}: {args.name} version {version} ({kept}); a running "
+                       f"server picks it up on POST /v2/repository/models/{args.name}/load")
     if args.json:
         from tandem.bundle import read_manifest
 

@@ -185,7 +185,8 @@ def write_triton_config(repo: str | Path, name: str, manifest: dict, *, max_batc
     path = folder / CONFIG_FILE
     if not force and not is_tandem_config(path):
         raise UserError(f"{path} was not written by tandem (its first line is not {HEADER!r}); "
-                        "tandem leaves it alone. Delete it, or pass force to replace it")
+                        "tandem leaves it alone. Delete it, or replace it with "
+                        "`tandem serve REPO --write-triton-config --force`")
     labels = _labels(manifest)
     text = triton_config(manifest, max_batch_size, dynamic_batching, max_queue_delay_ms, versions, name=name,
                          label_filename=LABEL_FILE if labels else None)
