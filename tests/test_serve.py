@@ -52,6 +52,16 @@ def _png(image: np.ndarray, mode: str | None = None) -> bytes:
     return buffer.getvalue()
 
 
+def _png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (its data does not follow): a decompression bomb's opening."""
+    import struct
+    import zlib
+
+    png = _png(np.zeros((8, 8), np.uint8))
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
+    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
+
+
 def _client(base: str) -> triton.InferenceServerClient:
     return triton.InferenceServerClient(base.removeprefix("http://"), connection_timeout=30, network_timeout=30)
 
@@ -140,6 +150,14 @@ def test_classify_matches_the_runtime_on_real_images(repo, tmp_path, predictor):
                                   {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         assert status == 200 and json.loads(body)["top_k"][0]["label"] == predictor.top_k([x[0]], k=1)[0][0].label
         assert len(json.loads(body)["top_k"]) == 5  # the default top_k
+        # feedback on it: a label the model does not know is refused, a known one is stored with the image
+        pid = json.loads(body)["prediction_id"]
+        status, _, body = request(base + "/v1/models/animals/feedback", {"prediction_id": pid, "label": "unicorn"})
+        assert status == 400 and "unicorn" in json.loads(body)["error"]
+        status, _, body = request(base + "/v1/models/animals/feedback", {"prediction_id": pid, "label": "zebra"})
+        assert status == 200 and json.loads(body)["image_stored"] is True
+        status, _, body = request(base + "/v1/models/animals/feedback", {"prediction_id": pid + "0" * 64, "label": "zebra"})
+        assert status == 404
 
 
 # -- every error path is a 4xx with a message ------------------------------------------------------------------
@@ -168,6 +186,12 @@ def test_every_error_is_a_4xx_with_a_one_line_message(repo, tmp_path, predictor)
         ("POST", "/v2/models/animals/infer", {**_infer_body(), "outputs": [{"name": "probs"}]}, {}, 400, "unknown output"),
         ("POST", "/v2/models/animals/infer", b"{not json", {}, 400, "not valid JSON"),
         ("POST", "/v2/models/animals/infer", b"[1, 2]", {}, 400, "JSON object"),
+        ("POST", "/v2/models/animals/infer", b"[" * 50_000 + b"]" * 50_000, {}, 400, "deeply"),
+        ("POST", "/v1/models/animals/feedback", b'{"a":' + b"[" * 30_000 + b"]" * 30_000 + b"}", {}, 400, "deeply"),
+        ("POST", "/v2/models/animals/infer", _infer_body(data=[10**400] + [0] * 783), {}, 400, "numbers only"),
+        ("POST", "/v2/models/animals/infer", _infer_body(data=["1"] * 784), {}, 400, "numbers only"),
+        ("POST", "/v2/models/animals/infer", _infer_body(data=[True] * 784), {}, 400, "numbers only"),
+        ("POST", "/v2/models/animals/infer", _infer_body(data=[3e38] * 784), {}, 400, "NaN or infinity"),
         ("POST", "/v2/models/animals/infer", header + x.tobytes()[:100],
          {"Inference-Header-Content-Length": str(len(header))}, 400, "binary_data_size"),
         ("POST", "/v2/models/animals/infer", header + x.tobytes() + b"extra",
@@ -181,10 +205,11 @@ def test_every_error_is_a_4xx_with_a_one_line_message(repo, tmp_path, predictor)
         ("GET", "/v2/models/animals/versions/5", None, {}, 404, "no version 5"),
         ("POST", "/v1/models/animals/classify", b"not an image", {}, 400, "not an image"),
         ("POST", "/v1/models/animals/classify", b"", {}, 400, "empty"),
+        ("POST", "/v1/models/animals/classify", _png_claiming(7000, 7000), {}, 400, "more than the 40000000"),
+        ("POST", "/v1/models/animals/classify", _png_claiming(20000, 20000), {}, 400, "more pixels than"),
         ("POST", "/v1/models/animals/classify?top_k=0", _png(np.zeros((28, 28), np.uint8)), {}, 400, "top_k"),
         ("POST", "/v1/models/animals/classify?top_k=many", b"x", {}, 400, "top_k"),
         ("POST", "/v1/models/animals/feedback", {"prediction_id": "0" * 32, "label": "cat"}, {}, 404, "prediction"),
-        ("POST", "/v1/models/animals/feedback", {"prediction_id": "0" * 32, "label": "unicorn"}, {}, 400, "unicorn"),
         ("POST", "/v1/models/animals/feedback", {"label": "cat"}, {}, 400, "prediction_id"),
         ("GET", "/v1/feedback", None, {}, 403, "admin"),
         ("POST", "/v2/repository/models/animals/load", {}, {}, 403, "admin"),
@@ -208,6 +233,11 @@ def test_every_error_is_a_4xx_with_a_one_line_message(repo, tmp_path, predictor)
         assert got == 413
         # the server still serves after all of that
         assert request(base + "/v2/models/animals/infer", _infer_body())[0] == 200
+        assert request(base + "/", method="HEAD")[0] == 200 and request(base + "/v2/health/ready", method="HEAD")[0] == 200
+        metrics = request(base + "/metrics")[2].decode()
+        # failures on a loaded model count against it; on unknown names, under no model (bounded labels)
+        assert 'tandem_request_failures_total{code="400",endpoint="infer_latest",model="animals",version="1"}' in metrics
+        assert 'tandem_request_failures_total{code="404",endpoint="infer_latest",model="",version=""}' in metrics
 
 
 def test_request_timeout_is_a_504(repo, tmp_path):
@@ -266,6 +296,15 @@ def test_a_token_file_and_a_missing_token_are_clear(repo, tmp_path, capsys):
     assert "--help-config" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nothing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+    assert main(["serve", str(repo), "--store", ""]) == 2
+    assert "--store is empty" in capsys.readouterr().err
+    for bad in ("models: {animals: {versions: [true]}}", "store: {url: ':memory:'}"):
+        config.write_text(bad + "\n")
+        assert main(["serve", str(repo), "--config", str(config)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1  # one line, no traceback
+    config.write_text("models: {animals: {versions: [1, 3]}}\n")
+    assert main(["serve", str(repo), "--config", str(config), "--write-triton-config"]) == 2
+    assert "no version 3" in capsys.readouterr().err
 
 
 # -- versions without downtime ---------------------------------------------------------------------------------
@@ -335,11 +374,23 @@ def test_a_tampered_bundle_is_refused_while_the_old_version_serves(repo, tiny_bu
         # a broken manifest, and a folder that is no bundle at all, likewise
         (repo / "animals" / "2" / "manifest.json").write_text("{")
         assert _load(base)[0] == 400
-        # unload, then load again
+        # unload; feedback on an earlier prediction still lands; then load again
+        pid = result.get_response()["parameters"]["prediction_ids"].split(",")[0]
         assert request(base + "/v2/repository/models/animals/unload", {}, {"Authorization": f"Bearer {ADMIN}"})[0] == 200
         assert request(base + "/v2/models/animals/ready")[0] == 404
+        status, _, body = request(base + "/v1/models/animals/feedback", {"prediction_id": pid, "label": "cow"})
+        assert status == 200, body
         assert _load(base, {"parameters": {"versions": "1"}})[0] == 200
         assert _client(base).is_model_ready("animals", "1")
+    # restarted with the broken version 2 still on disk: the newest good version serves, and the index says why
+    shutil.rmtree(repo / "animals" / "2")
+    shutil.copytree(tiny_bundle, repo / "animals" / "2")
+    (repo / "animals" / "2" / "model.onnx").write_bytes(bytes(data))
+    with running_server(repo, _config(tmp_path), env={"TANDEM_ADMIN_TOKEN": ADMIN}) as base:
+        assert request(base + "/v2/health/ready")[0] == 200
+        assert json.loads(request(base + "/v2/models/animals")[2])["versions"] == ["1"]
+        index = json.loads(request(base + "/v2/repository/index", {}, {"Authorization": f"Bearer {ADMIN}"})[2])
+        assert "model.onnx" in [row for row in index if row["version"] == "2"][0]["reason"]
 
 
 def test_version_policies(repo, tiny_bundle, tmp_path):
@@ -434,9 +485,26 @@ def test_export_to_a_repository_adds_versions_and_a_triton_config(tiny_run, tmp_
     config = parse((repo / "animals" / "config.pbtxt").read_text())
     assert config.max_batch_size == 32 and config.dynamic_batching.max_queue_delay_microseconds == 5000
     assert config.version_policy.WhichOneof("policy_choice") == "all"
+    proc = run_tandem("export", str(tiny_run.run_dir), "--repo", str(repo), "--name", "animals", check=True)
+    assert parse((repo / "animals" / "config.pbtxt").read_text()).max_batch_size == 32  # export keeps the settings
     (repo / "animals" / "config.pbtxt").write_text('name: "animals"\nplatform: "onnxruntime_onnx"\n')
     proc = run_tandem("export", str(tiny_run.run_dir), "--repo", str(repo), "--name", "animals", check=True)
-    assert "left as it is" in proc.stdout + proc.stderr and (repo / "animals" / "3").is_dir()
+    assert "left as it is" in proc.stdout + proc.stderr and (repo / "animals" / "4").is_dir()
     assert (repo / "animals" / "config.pbtxt").read_text().startswith('name: "animals"')
     proc = run_tandem("serve", str(repo), "--write-triton-config")
     assert proc.returncode == 2 and "--force" in proc.stderr
+
+
+@pytest.mark.multiprocess
+def test_two_exports_into_one_repository_at_once_get_two_versions(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    repo = tmp_path / "models"
+    command = [sys.executable, "-m", "tandem", "export", str(tiny_run.run_dir), "--repo", str(repo), "--name", "animals"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    versions = sorted(int(p.name) for p in (repo / "animals").iterdir() if p.is_dir())
+    assert versions == [1, 2, 3]
+    assert sorted(json.loads((repo / "animals" / str(v) / "manifest.json").read_text())["version"] for v in versions) == [1, 2, 3]

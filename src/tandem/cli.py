@@ -91,9 +91,14 @@ def _next_version(args) -> tuple[str, int]:
         raise UserError("--repo needs --name NAME: the model's folder in the repository")
     check_model_name(args.name)
     folder = Path(args.repo) / args.name
-    taken = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
-    version = max(taken, default=0) + 1
-    return str(folder / str(version)), version
+    while True:  # the number is taken by making its folder: two exports at once get two versions
+        taken = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()] if folder.is_dir() else []
+        version = max(taken, default=0) + 1
+        try:
+            (folder / str(version)).mkdir(parents=True)
+        except FileExistsError:
+            continue
+        return str(folder / str(version)), version
 
 
 def cmd_export(args) -> int:
@@ -106,16 +111,24 @@ def cmd_export(args) -> int:
         out, version = _next_version(args)
     elif not out:
         raise UserError("give --out BUNDLE (a folder), or --repo REPO --name NAME to add a version to a model repository")
-    out = export_bundle(args.run, out, name=args.name, version=version, atol=args.atol,
-                        exporter=args.exporter, force=args.force, sign=args.sign, log=_log_for(args))
+    try:
+        out = export_bundle(args.run, out, name=args.name, version=version, atol=args.atol,
+                            exporter=args.exporter, force=args.force, sign=args.sign, log=_log_for(args))
+    except BaseException:
+        if args.repo and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # the version number reserved for this export is free again
+        raise
     if args.repo:
         from tandem.bundle import read_manifest
         from tandem.serve.triton import CONFIG_FILE, is_tandem_config, write_triton_config
 
         config = Path(args.repo) / args.name / CONFIG_FILE
-        if is_tandem_config(config):
+        if not config.exists():
             write_triton_config(args.repo, args.name, read_manifest(out, verify=False))
-            kept = f"{config} for Triton"
+            kept = f"{config} written for Triton"
+        elif is_tandem_config(config):  # it may carry the serve settings: rewriting it is asked for explicitly
+            kept = (f"{config} kept; rewrite it from your serve settings with `tandem serve {args.repo} --config "
+                    "serve.yaml --write-triton-config`")
         else:
             kept = f"your own {config} left as it is"
         _log_for(args)(f"model repository {args.repo}: {args.name} version {version} ({kept}); a running "
@@ -165,6 +178,8 @@ def cmd_serve(args) -> int:
     if not args.repo:
         raise UserError("give the model repository: tandem serve REPO (folders REPO/<model>/<version>/)")
     config = load_serve_config(args.config, {"host": args.host, "port": args.port})
+    if args.store is not None and not args.store.strip():
+        raise UserError("--store is empty; give a SQLite file path or postgresql://user@host:port/db")
     if args.store:
         config = config.model_copy(update={"store": config.store.model_copy(update={"url": args.store})})
     if args.write_triton_config:
@@ -174,6 +189,7 @@ def cmd_serve(args) -> int:
 
         repository = Repository(args.repo, config)
         for name in repository.names_on_disk():
+            repository.wanted_versions(name)  # the versions the policy names exist
             latest = repository.wanted_versions(name, "all")[-1]
             batching = config.batching_for(name)
             path = write_triton_config(args.repo, name, read_manifest(f"{args.repo}/{name}/{latest}", verify=False),
@@ -370,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a folder that cannot be written (read-only, full disk): the user's to fix
+        if err.filename is None or isinstance(err, BrokenPipeError):
+            raise
+        print(f"error: cannot write or read {err.filename} ({err.strerror}); check the path and its permissions",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `tandem predict ... | head`: the reader has gone, which is no error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again

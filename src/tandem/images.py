@@ -189,8 +189,11 @@ def decode_image_bytes(data: bytes, size: int, channels: int, resize: str = "cro
         raise
     except Exception as err:  # noqa: BLE001 - untrusted bytes: a crafted file can make Pillow raise anything
         if type(err).__name__ == "UnidentifiedImageError":
-            raise UserError("the bytes are not an image Pillow can read; send a PNG, JPEG or BMP file") from None
-        raise UserError(f"cannot decode the image ({type(err).__name__}: {err}); send a PNG, JPEG or BMP file") from None
+            raise UserError("the bytes are not an image file; send a PNG, JPEG, BMP, GIF, WebP or TIFF") from None
+        if type(err).__name__ == "DecompressionBombError":
+            raise UserError(f"the image has more pixels than this server decodes ({max_pixels or 'Pillow: 179M'}); "
+                            "send a smaller image") from None
+        raise UserError(f"cannot decode the image ({type(err).__name__}: {err}); send an intact image file (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None
 
 
 def _folder_message(path: Path) -> str:

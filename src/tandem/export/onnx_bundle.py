@@ -229,9 +229,9 @@ def export_bundle(source: str | Path, out: str | Path, name: str | None = None, 
         read_manifest(tmp)  # what we wrote verifies
         if sign:
             sign_bundle(tmp, sign)
-        if out.exists():
+        if out.exists() and any(out.iterdir()):  # a bundle that --force replaces (_check_out made sure)
             shutil.rmtree(out)
-        os.rename(tmp, out)
+        os.rename(tmp, out)  # onto an empty folder too (export --repo reserves the version's folder first)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     accuracy = f", test accuracy {metrics['test_accuracy']:.4f} (ONNX Runtime)" if "test_accuracy" in metrics else ""

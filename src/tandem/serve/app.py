@@ -7,7 +7,8 @@
 
 Endpoints: /v2/... (the protocol, with the binary tensor extension, classification and the model
 repository extension), /v1/models, /v1/models/{m}/classify and /feedback, /v1/feedback (admin), /metrics,
-and the web page at /. The OpenAPI document is at /openapi.json, browsable at /docs. Every error is
+and the web page at /. The OpenAPI document is at /openapi.json (no browsable /docs: it would load its
+script from a CDN, on the origin where the web page keeps its token). Every error is
 {"error": "..."} with a 4xx status (503 when a model cannot run now, 504 past the request timeout).
 Inference runs off the event loop, in each model version's own thread. Never imports torch.
 """
@@ -85,6 +86,7 @@ class Server:
                            image_cache_bytes=config.store.image_cache_bytes, sync=config.store.sync)
         self.limits = config.limits
         self.access_log = _access_log(config.access_log)
+        self.big_bodies = asyncio.Semaphore(2)  # large bodies parsed at once: bounds the memory they take
         page = resources.files("tandem.serve").joinpath("static/index.html")
         self.page = page.read_bytes() if page.is_file() else None
 
@@ -137,15 +139,26 @@ class Server:
             value = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as err:
             raise ProtocolError(f"the body is not valid JSON ({err})") from None
+        except RecursionError:
+            raise ProtocolError("the body nests JSON too deeply") from None
         if not isinstance(value, dict):
             raise ProtocolError("the body must be a JSON object")
         return value
 
     # -- running models ---------------------------------------------------------------------------------------
-    async def run(self, request: Request, model: ModelVersion, x: np.ndarray):
+    def acquire(self, request: Request, name: str, version: int | None) -> ModelVersion:
+        """The version to run (held until repository.release); failures from here on count against it."""
+        model = self.repository.acquire(name, version)
         request.scope["tandem.model"] = (model.name, str(model.version))
+        return model
+
+    async def run(self, model: ModelVersion, x: np.ndarray):
         result = await model.batcher.submit(x)
         self.metrics.observe_run(model.name, model.version, result.queue_s, result.compute_s)
+        if not np.isfinite(result.output).all():
+            raise ProtocolError(f"model {model.name} version {model.version} gives NaN or infinity for this input: "
+                                "its values are far outside what the model was trained on (preprocess as the "
+                                "manifest says: (pixel / 255 - mean) / std)")
         return result
 
     async def record(self, model: ModelVersion, logits: np.ndarray, inputs: list[bytes], images: list[bytes | None],
@@ -202,11 +215,12 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
     repo, limits = server.repository, server.limits
     protocol, ours = ["Open Inference Protocol v2"], ["tandem"]
 
-    @app.get("/v2/health/live", tags=protocol, summary="200 while the server runs")
+    @app.api_route("/v2/health/live", methods=["GET", "HEAD"], tags=protocol, summary="200 while the server runs")
     async def live() -> Response:
         return Response(status_code=200)
 
-    @app.get("/v2/health/ready", tags=protocol, summary="200 once the models are loaded, else 400")
+    @app.api_route("/v2/health/ready", methods=["GET", "HEAD"], tags=protocol,
+                   summary="200 once the models are loaded, else 400")
     async def ready() -> Response:
         return Response(status_code=200 if repo.ready else 400)
 
@@ -255,14 +269,16 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         server.check(request)
         started = time.perf_counter()
         body = await server.body(request)
-        model = repo.acquire(name, version)
+        model = server.acquire(request, name, version)
         try:
             header = request.headers.get(HEADER_LENGTH)
             if len(body) > _OFF_LOOP_BYTES:
-                parsed = await asyncio.to_thread(parse_infer, body, header, model.spec, limits.max_images_per_request)
+                async with server.big_bodies:  # a JSON tensor takes ~10x its size in memory while parsed
+                    parsed = await asyncio.to_thread(parse_infer, body, header, model.spec,
+                                                     limits.max_images_per_request)
             else:
                 parsed = parse_infer(body, header, model.spec, limits.max_images_per_request)
-            result = await server.run(request, model, parsed.array)
+            result = await server.run(model, parsed.array)
         finally:
             repo.release(model)
         rows = [row.tobytes() for row in parsed.array]
@@ -359,7 +375,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         data = await server.body(request)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             data = await _form_image(request)
-        model = repo.acquire(name, version)
+        model = server.acquire(request, name, version)
         try:
             k = server.config.top_k if top_k is None else top_k
             if k < 1:
@@ -371,7 +387,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
             except UserError as err:
                 raise ProtocolError(str(err)) from None
             x = preprocess(pixels[None], p.mean, p.std)
-            result = await server.run(request, model, x)
+            result = await server.run(model, x)
         finally:
             repo.release(model)
         latency = {"queue": result.queue_s * 1e3, "compute": result.compute_s * 1e3,
@@ -408,7 +424,12 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         pid, label = body.get("prediction_id"), body.get("label")
         if not isinstance(pid, str) or not pid or not isinstance(label, str) or not label:
             raise ProtocolError("send JSON {\"prediction_id\": \"...\", \"label\": \"...\"}")
-        labels = repo.get(model).labels
+        check_model_name(model)
+        found = await asyncio.to_thread(server.store.prediction, pid) if len(pid) <= 64 else None
+        if found is None or found["model"] != model:
+            raise NotFound(f"model {model} made no prediction {pid!r}; send the prediction_id that classify or "
+                           "infer returned")
+        labels = repo.labels(model, found["version"])  # the labels of the version that made the prediction
         if label not in labels:
             raise ProtocolError(f"label {label!r} is not one of model {model}'s labels: {', '.join(labels)}")
         feedback_id, stored = await server.with_timeout(server.store.add_feedback(pid, label, model))
@@ -440,7 +461,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
             server.check(request, admin=True)
         return Response(server.metrics.render(), 200, media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", tags=ours, summary="the web page: classify an image, send feedback", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], tags=ours, summary="the web page", include_in_schema=False)
     async def page() -> Response:
         if server.page is None:
             raise NotFound("the web page is not installed with this tandem")
@@ -464,14 +485,42 @@ def _handlers(app: FastAPI, server: Server) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> Response:
-        message = {404: f"no such endpoint {request.url.path}; see /docs",
-                   405: f"{request.method} is not allowed on {request.url.path}; see /docs"}.get(err.status_code, str(err.detail))
+        message = {404: f"no such endpoint {request.url.path}; see /openapi.json",
+                   405: f"{request.method} is not allowed on {request.url.path}; see /openapi.json"}.get(err.status_code, str(err.detail))
         return _error(err.status_code, message, getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, err: Exception) -> Response:
         server.log("error: unexpected failure on " + request.url.path + "\n" + "".join(traceback.format_exception(err)))
         return _error(500, "internal error; the server log has the details")
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's document, saying what the server really does: bearer tokens, and errors as {"error"} with a 4xx
+    (never FastAPI's 422 validation body)."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {})
+    components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
+                                                "description": "TANDEM_TOKEN (inference) or TANDEM_ADMIN_TOKEN"}}
+    schemas = components.setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+    schema["security"] = [{"bearer": []}, {}]
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            responses["4XX"] = {"description": "bad request (400), token (401, 403), not found (404), body too "
+                                               "large (413), unsupported encoding (415)", **error}
+            responses["5XX"] = {"description": "model not available now (503), timeout (504)", **error}
+    app.openapi_schema = schema
+    return schema
 
 
 class _AccessLog:
@@ -535,11 +584,12 @@ def create_app(repo: str | Path, config: ServeConfig | None = None, log: Callabl
             await server.repository.close()
             await asyncio.to_thread(server.store.close)  # writes what is queued; blocks, so off the loop
 
-    app = FastAPI(title="tandem serve", version=tandem.__version__, lifespan=lifespan, redoc_url=None,
+    app = FastAPI(title="tandem serve", version=tandem.__version__, lifespan=lifespan, redoc_url=None, docs_url=None,
                   description="Open Inference Protocol v2 (KServe v2, Triton) over a repository of tandem bundles, "
                               "plus images in, labels out, feedback, and metrics.")
     app.state.server = server
     _routes(app, server)
+    app.openapi = lambda: _openapi(app)
     _handlers(app, server)
     app.add_middleware(_AccessLog, server=server)
     return app
@@ -551,7 +601,7 @@ def serve(repo: str | Path, config: ServeConfig) -> None:
 
     app = create_app(repo, config)
     where = f"http://{config.host}:{config.port}"
-    print(f"tandem serve: {repo} on {where} (web page {where}/, API {where}/docs); store {config.store.url}; "
+    print(f"tandem serve: {repo} on {where} (web page {where}/, API {where}/openapi.json); store {config.store.url}; "
           f"inference {'needs a token' if app.state.server.protect_inference else 'open'}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=10, server_header=False)

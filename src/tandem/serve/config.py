@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -70,7 +70,7 @@ class BatchingOverride(_Section):
     max_queue_size: Optional[int] = Field(None, ge=1)
 
 
-VersionPolicy = Union[Literal["latest", "all"], list[int]]
+VersionPolicy = Union[Literal["latest", "all"], list[Annotated[int, Field(strict=True)]]]
 
 
 class ModelSettings(_Section):

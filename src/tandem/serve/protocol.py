@@ -103,6 +103,8 @@ def _json_object(raw: bytes, what: str) -> dict:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise ProtocolError(f"{what} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise ProtocolError(f"{what} nests JSON too deeply; send a flat or (N, C, H, W) nested list") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} must be a JSON object")
     return value
@@ -187,9 +189,13 @@ def _input_array(tensor: dict, binary: bytes, spec: TensorSpec, max_images: int)
             raise ProtocolError(f"input {name!r} needs \"data\" (a list of numbers, flat or nested) or "
                                 "parameters.binary_data_size with the binary extension")
         try:
-            array = np.asarray(data, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ProtocolError(f"input {name!r}: data must be numbers only, as a flat or evenly nested list") from None
+            array = np.asarray(data)
+            if array.dtype.kind not in "iuf":  # strings, booleans, objects (ragged or too big for a float)
+                raise ValueError
+            array = array.astype(np.float64)
+        except (TypeError, ValueError, OverflowError, RecursionError):
+            raise ProtocolError(f"input {name!r}: data must be numbers only (no strings, booleans or values beyond "
+                                "float range), as a flat or evenly nested list") from None
         if array.size != count:
             raise ProtocolError(f"input {name!r}: data has {array.size} values, shape {shape} needs {count}")
         array = array.reshape(shape)
@@ -254,7 +260,7 @@ def encode_infer(model: str, version: int, request: InferRequest, logits: np.nda
     if parameters:
         response["parameters"] = parameters
     response["outputs"] = outputs
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return header, {"content-type": "application/json"}
     return header + b"".join(chunks), {"content-type": "application/octet-stream",

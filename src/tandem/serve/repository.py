@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from tandem.bundle import MANIFEST
+from tandem.bundle import MANIFEST, read_manifest
 from tandem.errors import UserError
 from tandem.serve.batching import Batcher
 from tandem.serve.config import MODEL_NAME, BatchingConfig, ServeConfig, check_model_name
@@ -94,7 +94,8 @@ class Repository:
         self.root = Path(root)
         self.config = config
         self._models: dict[str, dict[int, ModelVersion]] = {}
-        self._errors: dict[str, str] = {}
+        self._errors: dict[str, str] = {}  # models with no version loaded: why
+        self._failed: dict[str, dict[int, str]] = {}  # versions whose last load failed: why
         self._locks: dict[str, asyncio.Lock] = {}
         self._on_batch = on_batch
         self._log = log
@@ -132,9 +133,14 @@ class Repository:
 
     # -- loading ----------------------------------------------------------------------------------------------
     async def load_all(self) -> None:
-        for name in self.names_on_disk():
+        """At start: every model on disk. A version that fails is skipped for the next one that loads (with
+        policy latest, the newest good version serves), so one bad export does not take a model down."""
+        on_disk = self.names_on_disk()
+        for name in sorted(set(self.config.models) - set(on_disk)):
+            self._log(f"warning: the serve config sets up model {name!r}, which is not in {self.root}")
+        for name in on_disk:
             try:
-                await self.load(name)
+                await self.load(name, fallback=True)
             except UserError as err:
                 self._log(f"error: model {name} not loaded: {err}")
         self.started = True
@@ -142,41 +148,66 @@ class Repository:
     def _batching(self, name: str) -> BatchingConfig:
         return self.config.batching_for(name)
 
-    async def load(self, name: str, versions: list[int] | None = None) -> list[int]:
-        """Load (or reload) a model's versions: all verified and warm before the switch. Returns the versions."""
+    async def load(self, name: str, versions: list[int] | None = None, fallback: bool = False) -> list[int]:
+        """Load (or reload) a model's versions: all verified and warm before the switch. Returns the versions.
+
+        fallback=False (a load asked for while serving): any failure refuses the whole load and the current
+        versions go on serving. fallback=True (at start): failed versions are skipped, see load_all."""
         check_model_name(name)
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             try:
-                return await self._load(name, versions)
+                return await self._load(name, versions, fallback)
             except UserError as err:
-                self._errors[name] = str(err)
+                if name not in self._models:
+                    self._errors[name] = str(err)
                 raise
 
-    async def _load(self, name: str, versions: list[int] | None) -> list[int]:
+    async def _open(self, name: str, version: int, current: dict[int, ModelVersion],
+                    batching: BatchingConfig) -> ModelVersion:
+        path = self.root / name / str(version)
+        old = current.get(version)
+        if old is not None and old.manifest_digest == _digest(path):
+            return old  # unchanged: keep serving it as it is
+        sizes = (1, batching.max_batch_size) if batching.enabled and batching.max_batch_size > 1 else (1,)
+        try:
+            predictor, manifest, digest, spec = await asyncio.to_thread(_open_version, path, self.config.threads, sizes)
+        except UserError as err:
+            message = f"model {name} version {version} refused: {err}"
+            self._failed.setdefault(name, {})[version] = message
+            raise UserError(message) from None
+        self._failed.get(name, {}).pop(version, None)
+        return self._version(name, version, path, predictor, manifest, digest, spec, batching)
+
+    async def _load(self, name: str, versions: list[int] | None, fallback: bool) -> list[int]:
         wanted = self.wanted_versions(name, versions)
+        policy = versions if versions is not None else self.config.model(name).versions
+        if fallback and policy == "latest":
+            wanted = self.wanted_versions(name, "all")[::-1]  # newest first: the first that loads serves
         current = self._models.get(name, {})
         batching = self._batching(name)
-        sizes = (1, batching.max_batch_size) if batching.enabled and batching.max_batch_size > 1 else (1,)
         new: dict[int, ModelVersion] = {}
+        skipped: list[str] = []
         try:
             for version in wanted:
-                path = self.root / name / str(version)
-                old = current.get(version)
-                if old is not None and old.manifest_digest == _digest(path):
-                    new[version] = old  # unchanged: keep serving it as it is
-                    continue
                 try:
-                    predictor, manifest, digest, spec = await asyncio.to_thread(
-                        _open_version, path, self.config.threads, sizes)
+                    new[version] = await self._open(name, version, current, batching)
                 except UserError as err:
-                    raise UserError(f"model {name} version {version} refused: {err}") from None
-                new[version] = self._version(name, version, path, predictor, manifest, digest, spec, batching)
+                    if not fallback:
+                        raise
+                    skipped.append(str(err))
+                    continue
+                if fallback and policy == "latest":
+                    break
+            if not new:
+                raise UserError("; ".join(skipped) or f"model {name}: no version to load")
         except BaseException:
             for version, loaded in new.items():
                 if current.get(version) is not loaded:
                     await loaded.batcher.close()
             raise
+        for message in skipped:
+            self._log(f"error: {message}; serving the others")
         self._models[name] = new  # the switch: one assignment on the event loop
         self._errors.pop(name, None)
         retired = [v for k, v in current.items() if new.get(k) is not v]
@@ -245,6 +276,17 @@ class Repository:
         if version.in_flight == 0:
             version.drained.set()
 
+    def labels(self, name: str, version: int) -> list[str]:
+        """A version's labels, loaded or not (feedback may come after an unload or a swap)."""
+        loaded = self._models.get(name, {}).get(version)
+        if loaded is not None:
+            return loaded.labels
+        try:
+            return [str(label) for label in read_manifest(self.root / name / str(version), verify=False)["labels"]]
+        except (UserError, KeyError, TypeError):
+            raise Unavailable(f"model {name} version {version} is gone from the repository; its labels are "
+                              "unknown") from None
+
     def loaded(self) -> dict[str, dict[int, ModelVersion]]:
         return dict(self._models)
 
@@ -259,7 +301,7 @@ class Repository:
             for version in sorted(set(self._version_dirs(name)) | set(loaded)):
                 row = {"name": name, "version": str(version), "state": "READY" if version in loaded else "UNAVAILABLE"}
                 if version not in loaded:
-                    row["reason"] = self._errors.get(name, "not loaded (version policy, or unloaded)")
+                    row["reason"] = self._failed.get(name, {}).get(version, "not loaded (version policy, or unloaded)")
                 rows.append(row)
         return rows
 

@@ -105,6 +105,9 @@ def database_url(url: str) -> sa.URL:
     if not text:
         raise UserError(f"store.url is empty; {_URL_HINT}")
     if "://" not in text:
+        if text == ":memory:":
+            raise UserError(f"store.url names an in-memory SQLite database, which would lose every prediction; "
+                            f"{_URL_HINT}")
         return sa.URL.create("sqlite", database=str(Path(text).expanduser()))
     scheme, rest = text.split("://", 1)
     if scheme.lower() in ("postgresql", "postgres", "postgresql+psycopg"):
