@@ -16,22 +16,26 @@ Inference runs off the event loop, in each model version's own thread. Never imp
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import hashlib
 import hmac
 import io
 import json
+import re
 import sys
 import time
 import traceback
-import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -49,6 +53,7 @@ from tandem.serve.store import NotFound as UnknownPrediction
 from tandem.serve.store import PredictionRecord, Store, StoreError
 
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
+_timeout = getattr(asyncio, "timeout", None)
 _JSON_LIMIT = 1 << 16  # feedback and repository requests are small
 _OFF_LOOP_BYTES = 1 << 16  # bigger infer bodies are parsed in a thread, not on the event loop
 _STORED_TOP_K = 5
@@ -74,7 +79,7 @@ class Server:
         self.config = config
         self.log = log
         self.metrics = Metrics()
-        self.repository = Repository(repo, config, on_batch=self.metrics.observe_batch, log=log)
+        self.repository = Repository(repo, config, on_batch=self.metrics.observe_batch, log=log, after=self.after_batch)
         self.token, self.admin_token = tokens(config.auth)
         protect = config.auth.protect_inference
         self.protect_inference = self.token is not None if protect is None else protect
@@ -91,9 +96,8 @@ class Server:
         self.page = page.read_bytes() if page.is_file() else None
 
     # -- auth -------------------------------------------------------------------------------------------------
-    def check(self, request: Request, admin: bool = False) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
+    def check(self, headers: Headers, admin: bool = False) -> None:
+        scheme, _, given = headers.get("authorization", "").partition(" ")
         given_bytes = given.strip().encode() if scheme.lower() == "bearer" else b""
         if admin:
             if self.admin_token is None:
@@ -111,28 +115,32 @@ class Server:
         raise AuthError("missing or wrong token: send 'Authorization: Bearer <token>'")
 
     # -- bodies -----------------------------------------------------------------------------------------------
-    async def body(self, request: Request, limit: int | None = None) -> bytes:
+    async def body(self, headers: Headers, chunks: AsyncIterator[bytes], limit: int | None = None) -> bytes:
+        """The request body (decompressed), refused with a 413 past `limit` before or while it is read."""
         limit = limit or self.limits.max_body_bytes
-        length = request.headers.get("content-length")
+        length = headers.get("content-length")
         if length is not None:
             if not length.isdigit():
                 raise ProtocolError(f"Content-Length {length!r} is not a number")
             if int(length) > limit:
                 raise ProtocolError(f"the body is {length} bytes, more than this endpoint takes ({limit}; "
                                     "limits.max_body_bytes)", 413)
-        chunks, size = [], 0
-        async for chunk in request.stream():
+        parts, size = [], 0
+        async for chunk in chunks:
             size += len(chunk)
             if size > limit:
                 raise ProtocolError(f"the body is larger than this endpoint takes ({limit} bytes; "
                                     "limits.max_body_bytes)", 413)
-            chunks.append(chunk)
-        body = b"".join(chunks)
+            parts.append(chunk)
+        return decompress(b"".join(parts), headers.get("content-encoding"), self.limits.max_body_bytes)
+
+    async def request_body(self, request: Request, limit: int | None = None) -> bytes:
+        body = await self.body(request.headers, request.stream(), limit)
         request._body = body  # so request.form() can parse what was read  # noqa: SLF001
-        return decompress(body, request.headers.get("content-encoding"), self.limits.max_body_bytes)
+        return body
 
     async def json_body(self, request: Request) -> dict:
-        raw = await self.body(request, _JSON_LIMIT)
+        raw = await self.request_body(request, _JSON_LIMIT)
         if not raw.strip():
             return {}
         try:
@@ -146,46 +154,139 @@ class Server:
         return value
 
     # -- running models ---------------------------------------------------------------------------------------
-    def acquire(self, request: Request, name: str, version: int | None) -> ModelVersion:
+    def acquire(self, scope: dict, name: str, version: int | None) -> ModelVersion:
         """The version to run (held until repository.release); failures from here on count against it."""
         model = self.repository.acquire(name, version)
-        request.scope["tandem.model"] = (model.name, str(model.version))
+        scope["tandem.model"] = (model.name, str(model.version))
         return model
 
-    async def run(self, model: ModelVersion, x: np.ndarray):
-        result = await model.batcher.submit(x)
+    async def run(self, model: ModelVersion, x: np.ndarray, meta: "Meta"):
+        """Run x in the model's next batch; the answer comes once its predictions are committed to the log."""
+        result = await model.batcher.submit(x, meta)
         self.metrics.observe_run(model.name, model.version, result.queue_s, result.compute_s)
-        if not np.isfinite(result.output).all():
+        if result.extra is None:
             raise ProtocolError(f"model {model.name} version {model.version} gives NaN or infinity for this input: "
                                 "its values are far outside what the model was trained on (preprocess as the "
                                 "manifest says: (pixel / 255 - mean) / std)")
         return result
 
-    async def record(self, model: ModelVersion, logits: np.ndarray, inputs: list[bytes], images: list[bytes | None],
-                     image_format: str, endpoint: str, latency: dict) -> list[str]:
-        """Log one prediction per image; returns their ids once the log has committed them."""
-        probs = softmax(logits.astype(np.float32, copy=True))
-        k = min(_STORED_TOP_K, probs.shape[1])
-        best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        now, rows, ids = time.time(), [], []
-        for row, order, raw, image in zip(probs, best, inputs, images):
-            pid = uuid.uuid4().hex
-            ids.append(pid)
-            top = [{"label": model.labels[j], "index": int(j), "probability": float(row[j])} for j in order]
-            rows.append(PredictionRecord(pid, model.name, model.version, now, hashlib.sha256(raw).hexdigest(), top,
-                                         latency["total"], latency["queue"], latency["compute"], endpoint,
-                                         image, image_format if image is not None else None))
-        start = time.perf_counter()
-        await self.store.add_predictions(rows)
-        self.metrics.child(self.metrics.store, model.name, str(model.version)).observe(time.perf_counter() - start)
-        return ids
+    def after_batch(self, name: str, version: int, labels: list[str]):
+        """What runs in a version's model thread after each batch: its predictions, logged in one write."""
+        keep = self.config.store.keep_images
+        # The stored top-k is JSON text, written here directly: a dict per class and json.dumps per row cost more
+        # than the rest of the row, in the thread that must hand the GIL back to the event loop quickly.
+        entries = [f'{{"label":{json.dumps(label)},"index":{c},"probability":' for c, label in enumerate(labels)]
+        store_seconds = self.metrics.child(self.metrics.store, name, str(version))
+
+        def log_batch(x: np.ndarray, out: np.ndarray, metas: list, queues: list[float], compute: float):
+            finite = np.isfinite(out).all(axis=1)
+            probs = softmax(out.astype(np.float32, copy=True))
+            best = np.argsort(-probs, axis=1, kind="stable")[:, :min(_STORED_TOP_K, probs.shape[1])]
+            now, rows, extras, row = time.time(), [], [], 0
+            npy_header = _npy(x[0])[:-x[0].nbytes] if keep else b""  # every row has the same dtype and shape
+            for meta, queue in zip(metas, queues):
+                n = meta.images
+                if not finite[row:row + n].all():  # not logged: the request gets a 400
+                    extras.append(None)
+                    row += n
+                    continue
+                ids = prediction_ids(n)
+                for pid, j in zip(ids, range(row, row + n)):
+                    top = "[" + ",".join(f"{entries[c]}{float(probs[j, c])!r}}}" for c in best[j]) + "]"
+                    data = x[j].tobytes()
+                    image = meta.image if meta.image is not None else (npy_header + data if keep else None)
+                    digest = meta.digest or _sha256(data)
+                    rows.append(PredictionRecord(pid, name, version, now, digest, top,
+                                                 meta.before_ms + (queue + compute) * 1e3, queue * 1e3, compute * 1e3,
+                                                 meta.endpoint, image, meta.image_format or "npy"))
+                extras.append(ids)
+                row += n
+            if not rows:
+                return extras, None
+            started = time.perf_counter()
+            pending = self.store.submit_predictions(rows)
+            pending.add_done_callback(lambda _: store_seconds.observe(time.perf_counter() - started))
+            return extras, pending
+
+        return log_batch
+
+    async def infer(self, scope: dict, headers: Headers, body: bytes, name: str,
+                    version: int | None) -> tuple[bytes, dict[str, str]]:
+        """POST /v2/models/{name}[/versions/{version}]/infer, after auth and with the body read."""
+        started = time.perf_counter()
+        model = self.acquire(scope, name, version)
+        try:
+            header = headers.get(HEADER_LENGTH)
+            max_images = self.limits.max_images_per_request
+            if len(body) > _OFF_LOOP_BYTES:
+                async with self.big_bodies:  # a JSON tensor takes ~10x its size in memory while parsed
+                    parsed = await asyncio.to_thread(parse_infer, body, header, model.spec, max_images)
+            else:
+                parsed = parse_infer(body, header, model.spec, max_images)
+            meta = Meta("infer", len(parsed.array), (time.perf_counter() - started) * 1e3)
+            result = await self.run(model, parsed.array, meta)
+        finally:
+            self.repository.release(model)
+        return encode_infer(model.name, model.version, parsed, result.output, model.labels,
+                            {"prediction_ids": ",".join(result.extra)})
+
+    async def infer_asgi(self, scope: dict, receive, send, name: str, version: str | None) -> None:
+        """The protocol's hot path as a plain ASGI handler: no router, no framework request objects."""
+        headers = Headers(scope=scope)
+        try:
+            self.check(headers)
+            body = await self.body(headers, _chunks(receive))
+            number = parse_version(version) if version is not None else None
+            reply, reply_headers = await self.with_timeout(self.infer(scope, headers, body, name, number))
+            status = 200
+            raw_headers = [(key.encode(), value.encode()) for key, value in reply_headers.items()]
+            raw_headers.append((b"content-length", str(len(reply)).encode()))
+        except Exception as err:  # noqa: BLE001 - every failure becomes the protocol's {"error"} answer
+            response = self.error_response(err, scope["path"])
+            status, reply, raw_headers = response.status_code, response.body, response.raw_headers
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": reply})
+
+    def error_response(self, err: Exception, path: str) -> Response:
+        if isinstance(err, UserError):
+            status = (404 if isinstance(err, UnknownPrediction) else 503 if isinstance(err, StoreError)
+                      else getattr(err, "status", 400))
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+            return _error(status, str(err).splitlines()[0] if str(err) else type(err).__name__, headers)
+        self.log("error: unexpected failure on " + path + "\n" + "".join(traceback.format_exception(err)))
+        return _error(500, "internal error; the server log has the details")
 
     async def with_timeout(self, work):
         try:
-            return await asyncio.wait_for(work, self.limits.request_timeout_s)
+            if _timeout is None:  # Python 3.10
+                return await asyncio.wait_for(work, self.limits.request_timeout_s)
+            async with _timeout(self.limits.request_timeout_s):  # no extra task per request
+                return await work
         except asyncio.TimeoutError:
             raise ProtocolError(f"no answer within {self.limits.request_timeout_s:g} s "
                                 "(limits.request_timeout_s); the server is overloaded, retry later", 504) from None
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What the prediction log needs about one request, handed through its batch to the model thread."""
+
+    endpoint: str
+    images: int
+    before_ms: float                  # arrival to the batcher: body, decoding, checks
+    image: bytes | None = None        # the encoded image (classify); None: the tensor rows, as .npy
+    image_format: str | None = None
+    digest: str | None = None         # sha256 of the encoded image; None: of each tensor row
+
+
+async def _chunks(receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ProtocolError("the client went away before sending the whole body", 400)
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 def _same(given: bytes, expected: str | None) -> bool:
@@ -203,6 +304,23 @@ def _access_log(target: str):
         raise UserError(f"cannot open the access log {target} ({err.strerror}); fix access_log") from None
 
 
+def prediction_ids(n: int) -> list[str]:
+    """n new ids, 32 hex digits: the time in ns, then 64 random bits. Ids that grow with time go in at the end of
+    the database's index (random ones, like uuid4's, land all over it: writes were half as fast)."""
+    now, noise = time.time_ns(), os.urandom(8 * n).hex()
+    return [f"{now + i:016x}{noise[16 * i:16 * i + 16]}" for i in range(n)]
+
+
+def _sha256(data: bytes) -> str:
+    """sha256 in pieces under 2 KiB: hashlib lets go of the GIL for bigger ones, and getting it back from a
+    busy event loop costs this thread up to sys.getswitchinterval() (5 ms) each time."""
+    digest = hashlib.sha256()
+    view = memoryview(data)
+    for start in range(0, len(view), 2000):
+        digest.update(view[start:start + 2000])
+    return digest.hexdigest()
+
+
 def _npy(row: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, row, allow_pickle=False)
@@ -215,14 +333,16 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
     repo, limits = server.repository, server.limits
     protocol, ours = ["Open Inference Protocol v2"], ["tandem"]
 
-    @app.api_route("/v2/health/live", methods=["GET", "HEAD"], tags=protocol, summary="200 while the server runs")
+    @app.get("/v2/health/live", tags=protocol, summary="200 while the server runs")
     async def live() -> Response:
         return Response(status_code=200)
 
-    @app.api_route("/v2/health/ready", methods=["GET", "HEAD"], tags=protocol,
-                   summary="200 once the models are loaded, else 400")
+    @app.get("/v2/health/ready", tags=protocol, summary="200 once the models are loaded, else 400")
     async def ready() -> Response:
         return Response(status_code=200 if repo.ready else 400)
+
+    for path, probe in (("/v2/health/live", live), ("/v2/health/ready", ready)):  # load balancers probe with HEAD
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/v2", tags=protocol, summary="server metadata")
     async def server_metadata() -> Response:
@@ -236,73 +356,31 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
 
     @app.get("/v2/models/{model}", tags=protocol, summary="model metadata (latest version)")
     async def model_metadata(request: Request, model: str) -> Response:
-        server.check(request)
+        server.check(request.headers)
         found = repo.get(model)
         return _json(metadata(found, sorted(repo.versions(model))))
 
     @app.get("/v2/models/{model}/versions/{version}", tags=protocol, summary="model metadata")
     async def version_metadata(request: Request, model: str, version: str) -> Response:
-        server.check(request)
+        server.check(request.headers)
         found = repo.get(model, parse_version(version))
         return _json(metadata(found, [found.version]))
 
     @app.get("/v2/models/{model}/ready", tags=protocol, summary="200 when the model can run")
     async def model_ready(request: Request, model: str) -> Response:
-        server.check(request)
+        server.check(request.headers)
         repo.get(model)
         return Response(status_code=200)
 
     @app.get("/v2/models/{model}/versions/{version}/ready", tags=protocol, summary="200 when the version can run")
     async def version_ready(request: Request, model: str, version: str) -> Response:
-        server.check(request)
+        server.check(request.headers)
         repo.get(model, parse_version(version))
         return Response(status_code=200)
 
-    infer_body = {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
-            "id": {"type": "string"}, "parameters": {"type": "object"},
-            "inputs": {"type": "array", "items": {"type": "object"}},
-            "outputs": {"type": "array", "items": {"type": "object"}}}}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-
-    async def infer(request: Request, name: str, version: int | None) -> Response:
-        server.check(request)
-        started = time.perf_counter()
-        body = await server.body(request)
-        model = server.acquire(request, name, version)
-        try:
-            header = request.headers.get(HEADER_LENGTH)
-            if len(body) > _OFF_LOOP_BYTES:
-                async with server.big_bodies:  # a JSON tensor takes ~10x its size in memory while parsed
-                    parsed = await asyncio.to_thread(parse_infer, body, header, model.spec,
-                                                     limits.max_images_per_request)
-            else:
-                parsed = parse_infer(body, header, model.spec, limits.max_images_per_request)
-            result = await server.run(model, parsed.array)
-        finally:
-            repo.release(model)
-        rows = [row.tobytes() for row in parsed.array]
-        latency = {"queue": result.queue_s * 1e3, "compute": result.compute_s * 1e3,
-                   "total": (time.perf_counter() - started) * 1e3}
-        keep = server.config.store.keep_images
-        ids = await server.record(model, result.output, rows, [_npy(r) for r in parsed.array] if keep else [None] * len(rows),
-                                  "npy", "infer", latency)
-        out, headers = encode_infer(model.name, model.version, parsed, result.output, model.labels,
-                                    {"prediction_ids": ",".join(ids)})
-        return Response(out, 200, headers=headers)
-
-    @app.post("/v2/models/{model}/infer", tags=protocol, summary="run the latest version", openapi_extra=infer_body)
-    async def infer_latest(request: Request, model: str) -> Response:
-        return await server.with_timeout(infer(request, model, None))
-
-    @app.post("/v2/models/{model}/versions/{version}/infer", tags=protocol, summary="run one version",
-              openapi_extra=infer_body)
-    async def infer_version(request: Request, model: str, version: str) -> Response:
-        return await server.with_timeout(infer(request, model, parse_version(version)))
-
     @app.post("/v2/repository/index", tags=protocol, summary="every model and version in the repository (admin)")
     async def repository_index(request: Request) -> Response:
-        server.check(request, admin=True)
+        server.check(request.headers, admin=True)
         body = await server.json_body(request)
         rows = repo.index()
         if body.get("ready") is True:
@@ -312,7 +390,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
     @app.post("/v2/repository/models/{model}/load", tags=protocol,
               summary="load or reload a model (admin); parameters.versions=[n] pins versions, for a rollback")
     async def repository_load(request: Request, model: str) -> Response:
-        server.check(request, admin=True)
+        server.check(request.headers, admin=True)
         check_model_name(model)
         params = (await server.json_body(request)).get("parameters") or {}
         versions = params.get("versions") if isinstance(params, dict) else None
@@ -335,7 +413,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
 
     @app.post("/v2/repository/models/{model}/unload", tags=protocol, summary="unload a model (admin)")
     async def repository_unload(request: Request, model: str) -> Response:
-        server.check(request, admin=True)
+        server.check(request.headers, admin=True)
         await server.json_body(request)
         await repo.unload(model)
         server.metrics.loaded.clear()
@@ -347,7 +425,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
     # -- tandem's own endpoints --------------------------------------------------------------------------------
     @app.get("/v1/models", tags=ours, summary="the loaded models with their versions and labels")
     async def list_models(request: Request) -> Response:
-        server.check(request)
+        server.check(request.headers)
         models = []
         for name, versions in sorted(repo.loaded().items()):
             latest = versions[max(versions)]
@@ -368,14 +446,14 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         return await server.with_timeout(_classify(request, model, top_k, version))
 
     async def _classify(request: Request, name: str, top_k: int | None, version: int | None) -> Response:
-        server.check(request)
+        server.check(request.headers)
         started = time.perf_counter()
         if version is not None:
             version = parse_version(version)
-        data = await server.body(request)
+        data = await server.request_body(request)
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             data = await _form_image(request)
-        model = server.acquire(request, name, version)
+        model = server.acquire(request.scope, name, version)
         try:
             k = server.config.top_k if top_k is None else top_k
             if k < 1:
@@ -386,16 +464,16 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
                                                                p.resize, limits.max_image_pixels)
             except UserError as err:
                 raise ProtocolError(str(err)) from None
-            x = preprocess(pixels[None], p.mean, p.std)
-            result = await server.run(model, x)
+            meta = Meta("classify", 1, (time.perf_counter() - started) * 1e3, data, image_format,
+                        hashlib.sha256(data).hexdigest())
+            result = await server.run(model, preprocess(pixels[None], p.mean, p.std), meta)
         finally:
             repo.release(model)
         latency = {"queue": result.queue_s * 1e3, "compute": result.compute_s * 1e3,
                    "total": (time.perf_counter() - started) * 1e3}
-        [pid] = await server.record(model, result.output, [data], [data], image_format, "classify", latency)
         probs = softmax(result.output.astype(np.float32, copy=True))[0]
         order = np.argsort(-probs, kind="stable")[:min(k, len(probs))]
-        return _json({"prediction_id": pid, "model": model.name, "version": model.version,
+        return _json({"prediction_id": result.extra[0], "model": model.name, "version": model.version,
                       "top_k": [{"label": model.labels[j], "index": int(j), "probability": float(probs[j])} for j in order],
                       "latency_ms": {key: round(value, 3) for key, value in latency.items()}})
 
@@ -419,7 +497,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
     @app.post("/v1/models/{model}/feedback", tags=ours, openapi_extra=feedback_body,
               summary="the true label of an earlier prediction (stored with its image, for learning)")
     async def feedback(request: Request, model: str) -> Response:
-        server.check(request)
+        server.check(request.headers)
         body = await server.json_body(request)
         pid, label = body.get("prediction_id"), body.get("label")
         if not isinstance(pid, str) or not pid or not isinstance(label, str) or not label:
@@ -437,7 +515,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
 
     @app.get("/v1/feedback", tags=ours, summary="feedback received, oldest first (admin)")
     async def list_feedback(request: Request, model: str | None = None, limit: int = 100, after: int = 0) -> Response:
-        server.check(request, admin=True)
+        server.check(request.headers, admin=True)
         if model is not None:
             check_model_name(model)
         if not 1 <= limit <= 1000 or after < 0:
@@ -447,7 +525,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
 
     @app.get("/v1/feedback/{feedback_id}/image", tags=ours, summary="the image stored with a feedback (admin)")
     async def feedback_image(request: Request, feedback_id: int) -> Response:
-        server.check(request, admin=True)
+        server.check(request.headers, admin=True)
         found = await asyncio.to_thread(server.store.feedback_image, feedback_id)
         if found is None:
             raise NotFound(f"feedback {feedback_id} has no stored image")
@@ -458,7 +536,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
     @app.get("/metrics", tags=ours, summary="Prometheus metrics")
     async def metrics(request: Request) -> Response:
         if server.config.auth.protect_metrics:
-            server.check(request, admin=True)
+            server.check(request.headers, admin=True)
         return Response(server.metrics.render(), 200, media_type=CONTENT_TYPE_LATEST)
 
     @app.api_route("/", methods=["GET", "HEAD"], tags=ours, summary="the web page", include_in_schema=False)
@@ -473,9 +551,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
 def _handlers(app: FastAPI, server: Server) -> None:
     @app.exception_handler(UserError)
     async def user_error(request: Request, err: UserError) -> Response:
-        status = 404 if isinstance(err, UnknownPrediction) else 503 if isinstance(err, StoreError) else getattr(err, "status", 400)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return _error(status, str(err).splitlines()[0] if str(err) else type(err).__name__, headers)
+        return server.error_response(err, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(request: Request, err: RequestValidationError) -> Response:
@@ -503,6 +579,23 @@ def _openapi(app: FastAPI) -> dict:
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    # Infer is served by _Front, outside the router: described here by hand.
+    tensors = {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": {"type": "object"}}, "outputs": {"type": "array", "items": {"type": "object"}}}}
+    body = {"required": True, "content": {"application/json": {"schema": tensors},
+                                          "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    ok = {"200": {"description": "the outputs (JSON, or a JSON header and binary tensors: the binary extension)",
+                  "content": {"application/json": {"schema": {"type": "object"}}}}}
+
+    def operation(summary: str, params: list[str]) -> dict:
+        return {"post": {"tags": ["Open Inference Protocol v2"], "summary": summary, "requestBody": body,
+                         "operationId": summary.replace(" ", "_"), "responses": dict(ok),
+                         "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                                        for p in params]}}
+
+    schema["paths"]["/v2/models/{model}/infer"] = operation("run the latest version", ["model"])
+    schema["paths"]["/v2/models/{model}/versions/{version}/infer"] = operation("run one version", ["model", "version"])
     components = schema.setdefault("components", {})
     components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer",
                                                 "description": "TANDEM_TOKEN (inference) or TANDEM_ADMIN_TOKEN"}}
@@ -523,8 +616,12 @@ def _openapi(app: FastAPI) -> dict:
     return schema
 
 
-class _AccessLog:
-    """Pure ASGI middleware: one JSON line and the request metrics per HTTP request."""
+_INFER = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class _Front:
+    """Pure ASGI middleware: protocol infer requests go straight to Server.infer_asgi (the hot path, no
+    router); everything else to FastAPI. One JSON access-log line and the request metrics for each."""
 
     def __init__(self, app, server: Server) -> None:
         self.app, self.server = app, server
@@ -542,12 +639,22 @@ class _AccessLog:
                 sent[0] += len(message.get("body", b""))
             await send(message)
 
+        infer = _INFER.fullmatch(scope["path"])
         try:
-            await self.app(scope, receive, capture)
+            if infer is not None and scope["method"] != "POST":
+                response = _error(405, f"{scope['method']} is not allowed on {scope['path']}; infer takes POST",
+                                  {"Allow": "POST"})
+                await response(scope, receive, capture)
+            elif infer is not None:
+                await self.server.infer_asgi(scope, receive, capture, infer.group(1), infer.group(2))
+            else:
+                await self.app(scope, receive, capture)
         finally:
             seconds = time.perf_counter() - started
-            route = scope.get("route")
-            endpoint = getattr(route, "name", None) or "unknown"
+            if infer is not None:
+                endpoint = "infer_latest" if infer.group(2) is None else "infer_version"
+            else:
+                endpoint = getattr(scope.get("route"), "name", None) or "unknown"
             model, version = scope.get("tandem.model", ("", ""))
             self.server.metrics.observe_request(endpoint, model, version, status[0], seconds)
             if self.server.access_log is not None:
@@ -556,6 +663,13 @@ class _AccessLog:
                         "path": scope["path"], "status": status[0], "ms": round(seconds * 1e3, 3),
                         "endpoint": endpoint, "model": model or None, "version": version or None, "bytes_out": sent[0]}
                 self.server.access_log.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+
+class _App(FastAPI):
+    """FastAPI with _Front outermost: the protocol's infer requests skip FastAPI's middleware stack too."""
+
+    def build_middleware_stack(self):
+        return _Front(super().build_middleware_stack(), self.state.server)
 
 
 def create_app(repo: str | Path, config: ServeConfig | None = None, log: Callable[[str], None] | None = None) -> FastAPI:
@@ -575,6 +689,8 @@ def create_app(repo: str | Path, config: ServeConfig | None = None, log: Callabl
         for name, found in server.repository.loaded().items():
             for number in found:
                 server.metrics.loaded.labels(name, str(number)).set(1)
+        gc.collect()
+        gc.freeze()  # what start-up made lives as long as the server: full collections need not walk it again
         if not server.repository.loaded():
             log(f"warning: no model loaded from {repo}; add one with `tandem export RUN --repo {repo} --name NAME`, "
                 "then POST /v2/repository/models/NAME/load")
@@ -584,14 +700,13 @@ def create_app(repo: str | Path, config: ServeConfig | None = None, log: Callabl
             await server.repository.close()
             await asyncio.to_thread(server.store.close)  # writes what is queued; blocks, so off the loop
 
-    app = FastAPI(title="tandem serve", version=tandem.__version__, lifespan=lifespan, redoc_url=None, docs_url=None,
+    app = _App(title="tandem serve", version=tandem.__version__, lifespan=lifespan, redoc_url=None, docs_url=None,
                   description="Open Inference Protocol v2 (KServe v2, Triton) over a repository of tandem bundles, "
                               "plus images in, labels out, feedback, and metrics.")
     app.state.server = server
     _routes(app, server)
     app.openapi = lambda: _openapi(app)
     _handlers(app, server)
-    app.add_middleware(_AccessLog, server=server)
     return app
 
 
@@ -603,5 +718,5 @@ def serve(repo: str | Path, config: ServeConfig) -> None:
     where = f"http://{config.host}:{config.port}"
     print(f"tandem serve: {repo} on {where} (web page {where}/, API {where}/openapi.json); store {config.store.url}; "
           f"inference {'needs a token' if app.state.server.protect_inference else 'open'}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False,
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, proxy_headers=False,
                 timeout_graceful_shutdown=10, server_header=False)

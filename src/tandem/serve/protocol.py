@@ -14,6 +14,7 @@ Torch-free.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -168,7 +169,7 @@ def _input_array(tensor: dict, binary: bytes, spec: TensorSpec, max_images: int)
             or list(shape[1:]) != list(spec.input_shape) or not 1 <= shape[0] <= max_images):
         raise ProtocolError(f"input {name!r} has shape {shape!r}; this model takes {expected} with 1 to "
                             f"{max_images} images in the first dimension")
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     dtype = DATATYPES[datatype]
     params = _parameters(tensor, f"input {name!r}")
     size = params.get("binary_data_size")

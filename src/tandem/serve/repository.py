@@ -30,7 +30,7 @@ import numpy as np
 
 from tandem.bundle import MANIFEST, read_manifest
 from tandem.errors import UserError
-from tandem.serve.batching import Batcher
+from tandem.serve.batching import After, Batcher
 from tandem.serve.config import MODEL_NAME, BatchingConfig, ServeConfig, check_model_name
 from tandem.serve.protocol import NotFound, ProtocolError, TensorSpec, Unavailable
 
@@ -90,7 +90,8 @@ def _open_version(path: Path, threads: int, warm_sizes: tuple[int, ...]) -> tupl
 class Repository:
     def __init__(self, root: Path, config: ServeConfig,
                  on_batch: Callable[[str, int, int, float], None] | None = None,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print,
+                 after: Callable[[str, int, list[str]], After] | None = None) -> None:
         self.root = Path(root)
         self.config = config
         self._models: dict[str, dict[int, ModelVersion]] = {}
@@ -98,6 +99,7 @@ class Repository:
         self._failed: dict[str, dict[int, str]] = {}  # versions whose last load failed: why
         self._locks: dict[str, asyncio.Lock] = {}
         self._on_batch = on_batch
+        self._after = after  # (name, version, labels) -> what runs after each batch of that version
         self._log = log
         self.started = False
 
@@ -224,7 +226,8 @@ class Repository:
         def run(x: np.ndarray) -> np.ndarray:
             return predictor.session.run(None, {spec.input_name: x})[0]
 
-        batcher = Batcher(run, batching, f"{name}/{version}", on_batch)
+        after = self._after(name, version, predictor.labels) if self._after is not None else None
+        batcher = Batcher(run, batching, f"{name}/{version}", on_batch, after)
         return ModelVersion(name, version, path, manifest, digest, predictor, spec, batcher)
 
     async def unload(self, name: str) -> None:
