@@ -476,6 +476,10 @@ def test_export_to_a_repository_adds_versions_and_a_triton_config(tiny_run, tmp_
     assert proc.returncode == 2 and "is not allowed" in proc.stderr and not (tmp_path / "evil").exists()
     proc = run_tandem("export", str(tiny_run.run_dir), "--repo", str(repo))
     assert proc.returncode == 2 and "--name" in proc.stderr
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    proc = run_tandem("export", str(tiny_run.run_dir), "--repo", str(not_a_folder), "--name", "animals")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot write or read") and "Traceback" not in proc.stderr
     with running_server(repo, _config(tmp_path)) as base:
         assert json.loads(request(base + "/v2/models/animals")[2])["versions"] == ["2"]
     # the serve settings rewrite tandem's config.pbtxt; a user's own is kept, by export and by serve
@@ -508,3 +512,13 @@ def test_two_exports_into_one_repository_at_once_get_two_versions(tiny_run, tmp_
     versions = sorted(int(p.name) for p in (repo / "animals").iterdir() if p.is_dir())
     assert versions == [1, 2, 3]
     assert sorted(json.loads((repo / "animals" / str(v) / "manifest.json").read_text())["version"] for v in versions) == [1, 2, 3]
+
+
+def test_without_the_serve_extra_the_command_says_what_to_install(repo):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fastapi'] = None\n"  # as if `pip install tandem[infer]` only
+            f"from tandem.cli import main; raise SystemExit(main(['serve', {str(repo)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "pip install 'tandem[serve]'" in proc.stderr and "Traceback" not in proc.stderr

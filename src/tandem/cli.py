@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: `tandem {args.command}` needs the training side ({err.name} is not installed); "
                   "install it with: pip install 'tandem[train]'", file=sys.stderr)
             return 2
+        if err.name in ("fastapi", "starlette", "uvicorn", "prometheus_client", "sqlalchemy", "psycopg", "multipart"):
+            print(f"error: `tandem {args.command}` needs the server's packages ({err.name} is not installed); "
+                  "install them with: pip install 'tandem[serve]'", file=sys.stderr)
+            return 2
         if err.name in ("onnxruntime", "PIL"):
             print(f"error: `tandem {args.command}` needs {err.name}; install it with: pip install 'tandem[infer]'",
                   file=sys.stderr)
@@ -386,16 +390,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except OSError as err:  # a folder that cannot be written (read-only, full disk): the user's to fix
-        if err.filename is None or isinstance(err, BrokenPipeError):
-            raise
-        print(f"error: cannot write or read {err.filename} ({err.strerror}); check the path and its permissions",
-              file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `tandem predict ... | head`: the reader has gone, which is no error
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
         return 0
+    except OSError as err:  # a folder that cannot be written (read-only, full disk): the user's to fix
+        if err.filename is None:
+            raise
+        print(f"error: cannot write or read {err.filename} ({err.strerror}); check the path and its permissions",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

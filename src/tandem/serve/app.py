@@ -714,9 +714,24 @@ def serve(repo: str | Path, config: ServeConfig) -> None:
     """Run the server until interrupted (what `tandem serve` does)."""
     import uvicorn
 
+    sock = _listen(config.host, config.port)  # before the models load: a taken port is a one-line error
     app = create_app(repo, config)
-    where = f"http://{config.host}:{config.port}"
+    where = f"http://{config.host}:{sock.getsockname()[1]}"
     print(f"tandem serve: {repo} on {where} (web page {where}/, API {where}/openapi.json); store {config.store.url}; "
           f"inference {'needs a token' if app.state.server.protect_inference else 'open'}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning", access_log=False, proxy_headers=False,
-                timeout_graceful_shutdown=10, server_header=False)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=False,
+                                           timeout_graceful_shutdown=10, server_header=False))
+    server.run(sockets=[sock])
+
+
+def _listen(host: str, port: int):
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        raise UserError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port or --host") from None
+    return sock
