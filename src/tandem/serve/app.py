@@ -180,7 +180,8 @@ class Server:
 
         def log_batch(x: np.ndarray, out: np.ndarray, metas: list, queues: list[float], compute: float):
             finite = np.isfinite(out).all(axis=1)
-            probs = softmax(out.astype(np.float32, copy=True))
+            with np.errstate(invalid="ignore", over="ignore"):  # rows that are not finite are not logged
+                probs = softmax(out.astype(np.float32, copy=True))
             best = np.argsort(-probs, axis=1, kind="stable")[:, :min(_STORED_TOP_K, probs.shape[1])]
             now, rows, extras, row = time.time(), [], [], 0
             npy_header = _npy(x[0])[:-x[0].nbytes] if keep else b""  # every row has the same dtype and shape
