@@ -246,6 +246,20 @@ def test_request_timeout_is_a_504(repo, tmp_path):
         assert status == 504 and "request_timeout_s" in json.loads(body)["error"]
 
 
+
+def test_a_client_that_stops_sending_its_body_gets_a_504(repo, tmp_path):
+    import socket
+
+    with running_server(repo, _config(tmp_path, limits={"request_timeout_s": 1})) as base:
+        host, port = base.removeprefix("http://").split(":")
+        for path in ("/v2/models/animals/infer", "/v1/models/animals/classify"):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc".encode())
+                start = time.monotonic()
+                reply = sock.recv(4096).decode()
+                assert reply.startswith("HTTP/1.1 504") and time.monotonic() - start < 5, (path, reply)
+
+
 # -- auth ------------------------------------------------------------------------------------------------------------
 
 def test_tokens_protect_inference_and_admin(repo, tmp_path):

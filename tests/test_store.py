@@ -351,3 +351,22 @@ def test_acknowledged_writes_survive_sigkill(db_url):
         assert store.feedback_image(next(iter(fed))) == (b"img-" + fed[next(iter(fed))][0].encode(), "png")
     finally:
         store.close()
+
+
+def test_multi_row_inserts_fit_an_old_sqlite_limit_of_999_parameters(tmp_path):
+    """SQLite before 3.32 allows 999 parameters a statement: the rows go in smaller statements there."""
+    import sqlite3
+
+    store = Store(str(tmp_path / "old.sqlite"))
+    try:
+        rows = [{"id": f"{i:032x}", "model": "m", "version": 1, "created": 1.0, "input_digest": "d", "top_k": "[]",
+                 "latency_ms": 1.0, "queue_ms": 0.5, "compute_ms": 0.5, "endpoint": "infer"} for i in range(250)]
+        with store.engine.begin() as conn:
+            dbapi = conn.connection.dbapi_connection
+            if not hasattr(dbapi, "setlimit"):
+                pytest.skip("sqlite3 limits need Python 3.11")
+            dbapi.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+            store._insert_predictions(conn, rows)  # noqa: SLF001
+        assert store.prediction(f"{249:032x}")["endpoint"] == "infer"
+    finally:
+        store.close()

@@ -231,14 +231,17 @@ class Server:
         return encode_infer(model.name, model.version, parsed, result.output, model.labels,
                             {"prediction_ids": ",".join(result.extra)})
 
+    async def _read_and_infer(self, scope: dict, receive, headers: Headers, name: str, version: int | None):
+        body = await self.body(headers, _chunks(receive))  # within the timeout: a slow sender gets a 504 too
+        return await self.infer(scope, headers, body, name, version)
+
     async def infer_asgi(self, scope: dict, receive, send, name: str, version: str | None) -> None:
         """The protocol's hot path as a plain ASGI handler: no router, no framework request objects."""
         headers = Headers(scope=scope)
         try:
             self.check(headers)
-            body = await self.body(headers, _chunks(receive))
             number = parse_version(version) if version is not None else None
-            reply, reply_headers = await self.with_timeout(self.infer(scope, headers, body, name, number))
+            reply, reply_headers = await self.with_timeout(self._read_and_infer(scope, receive, headers, name, number))
             status = 200
             raw_headers = [(key.encode(), value.encode()) for key, value in reply_headers.items()]
             raw_headers.append((b"content-length", str(len(reply)).encode()))
@@ -698,8 +701,10 @@ def create_app(repo: str | Path, config: ServeConfig | None = None, log: Callabl
         try:
             yield
         finally:
-            await server.repository.close()
-            await asyncio.to_thread(server.store.close)  # writes what is queued; blocks, so off the loop
+            try:
+                await server.repository.close()
+            finally:
+                await asyncio.to_thread(server.store.close)  # writes what is queued; blocks, so off the loop
 
     app = _App(title="tandem serve", version=tandem.__version__, lifespan=lifespan, redoc_url=None, docs_url=None,
                   description="Open Inference Protocol v2 (KServe v2, Triton) over a repository of tandem bundles, "

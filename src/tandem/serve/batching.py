@@ -137,15 +137,18 @@ class Batcher:
         self._waiting.discard(pending)
         answer(pending.exception())
 
-    async def close(self) -> None:
-        """Finish what is queued (and answer it), then stop the model thread."""
+    async def close(self, timeout: float = 30.0) -> None:
+        """Finish what is queued and answer it (waiting at most `timeout` s for batches still committing: a
+        failed or slow write is their requests' answer, not the caller's), then stop the model thread."""
         self._closing = True
         self._wakeup.set()
-        await self._task
-        while self._waiting:
-            await asyncio.wrap_future(next(iter(self._waiting)))
-            await asyncio.sleep(0)  # let its answer run
-        self._executor.shutdown(wait=True)
+        try:
+            await self._task
+            if self._waiting:
+                await asyncio.wait([asyncio.wrap_future(f) for f in self._waiting], timeout=timeout)
+                await asyncio.sleep(0)  # let their answers run
+        finally:
+            self._executor.shutdown(wait=True)
 
 
 def _fail(batch, err: BaseException) -> None:

@@ -59,6 +59,7 @@ class ModelVersion:
     loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    close_timeout: float = 30.0  # on retire, how long batches still committing may take
 
     @property
     def labels(self) -> list[str]:
@@ -68,7 +69,7 @@ class ModelVersion:
         """Out of the routing table already: wait for the requests it holds, then stop its thread."""
         if self.in_flight:
             await self.drained.wait()
-        await self.batcher.close()
+        await self.batcher.close(self.close_timeout)
 
 
 def _open_version(path: Path, threads: int, warm_sizes: tuple[int, ...]) -> tuple[object, dict, str, TensorSpec]:
@@ -228,7 +229,8 @@ class Repository:
 
         after = self._after(name, version, predictor.labels) if self._after is not None else None
         batcher = Batcher(run, batching, f"{name}/{version}", on_batch, after)
-        return ModelVersion(name, version, path, manifest, digest, predictor, spec, batcher)
+        return ModelVersion(name, version, path, manifest, digest, predictor, spec, batcher,
+                            close_timeout=self.config.limits.request_timeout_s)
 
     async def unload(self, name: str) -> None:
         check_model_name(name)

@@ -22,6 +22,7 @@ import asyncio
 import concurrent.futures
 import json
 import queue
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -397,7 +398,11 @@ class Store:
         columns = [column.name for column in predictions.columns]
         mark = "?" if self.url.get_backend_name() == "sqlite" else "%s"
         one = "(" + ", ".join([mark] * len(columns)) + ")"
-        per_statement = 500  # 5,000 parameters: under SQLite's and PostgreSQL's limits
+        per_statement = 500  # 5,000 parameters: under PostgreSQL's limit (65,535) and recent SQLite's (32,766)
+        if self.url.get_backend_name() == "sqlite":  # SQLite before 3.32 allows 999 unless built otherwise
+            limit = getattr(conn.connection.dbapi_connection, "getlimit", None)
+            most = limit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if limit is not None else 999
+            per_statement = max(1, min(per_statement, most // len(columns)))
         for start in range(0, len(rows), per_statement):
             chunk = rows[start:start + per_statement]
             sql = f"INSERT INTO predictions ({', '.join(columns)}) VALUES " + ", ".join([one] * len(chunk))
