@@ -723,7 +723,7 @@ def serve(repo: str | Path, config: ServeConfig) -> None:
     sock = _listen(config.host, config.port)  # before the models load: a taken port is a one-line error
     app = create_app(repo, config)
     where = f"http://{config.host}:{sock.getsockname()[1]}"
-    print(f"tandem serve: {repo} on {where} (web page {where}/, API {where}/openapi.json); store {config.store.url}; "
+    print(f"tandem serve: {repo} on {where} (web page {where}/, API {where}/openapi.json); store {app.state.server.store.display_url}; "
           f"inference {'needs a token' if app.state.server.protect_inference else 'open'}", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, proxy_headers=False,
                                            timeout_graceful_shutdown=10, server_header=False))
