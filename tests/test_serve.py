@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -248,8 +252,6 @@ def test_request_timeout_is_a_504(repo, tmp_path):
 
 
 def test_a_client_that_stops_sending_its_body_gets_a_504(repo, tmp_path):
-    import socket
-
     with running_server(repo, _config(tmp_path, limits={"request_timeout_s": 1})) as base:
         host, port = base.removeprefix("http://").split(":")
         for path in ("/v2/models/animals/infer", "/v1/models/animals/classify"):
@@ -351,9 +353,6 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(repo, tiny_bundle, tmp_
             for _ in range(8):
                 pool.submit(hammer, base)
             for version in range(2, 8):
-                (repo / "animals" / str(version)).parent.mkdir(exist_ok=True)
-                import shutil
-
                 shutil.copytree(tiny_bundle, repo / "animals" / str(version))
                 assert _load(base)[0] == 200
                 time.sleep(0.15)
@@ -367,8 +366,6 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(repo, tiny_bundle, tmp_
 
 
 def test_a_tampered_bundle_is_refused_while_the_old_version_serves(repo, tiny_bundle, tmp_path, predictor):
-    import shutil
-
     x, expected = _tensor(predictor, 2)
     with running_server(repo, _config(tmp_path), env={"TANDEM_ADMIN_TOKEN": ADMIN}) as base:
         shutil.copytree(tiny_bundle, repo / "animals" / "2")
@@ -408,8 +405,6 @@ def test_a_tampered_bundle_is_refused_while_the_old_version_serves(repo, tiny_bu
 
 
 def test_version_policies(repo, tiny_bundle, tmp_path):
-    import shutil
-
     for version in (2, 3):
         shutil.copytree(tiny_bundle, repo / "animals" / str(version))
     (repo / "animals" / "config.pbtxt").write_text("name: \"animals\"\n")  # Triton's file beside the versions
@@ -515,9 +510,6 @@ def test_export_to_a_repository_adds_versions_and_a_triton_config(tiny_run, tmp_
 
 @pytest.mark.multiprocess
 def test_two_exports_into_one_repository_at_once_get_two_versions(tiny_run, tmp_path):
-    import subprocess
-    import sys
-
     repo = tmp_path / "models"
     command = [sys.executable, "-m", "tandem", "export", str(tiny_run.run_dir), "--repo", str(repo), "--name", "animals"]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -529,9 +521,6 @@ def test_two_exports_into_one_repository_at_once_get_two_versions(tiny_run, tmp_
 
 
 def test_without_the_serve_extra_the_command_says_what_to_install(repo):
-    import subprocess
-    import sys
-
     code = ("import sys; sys.modules['fastapi'] = None\n"  # as if `pip install tandem[infer]` only
             f"from tandem.cli import main; raise SystemExit(main(['serve', {str(repo)!r}]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -194,8 +194,9 @@ def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
 
 
-def describe_keys() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, description) for every key: what `tandem config` prints."""
+def describe_keys(root: type[BaseModel] | None = None) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, description) for every key of root (default: the run config): what `tandem config`
+    and `tandem serve --help-config` print."""
     rows = []
 
     def walk(model_cls: type[BaseModel], prefix: str) -> None:
@@ -204,7 +205,8 @@ def describe_keys() -> list[tuple[str, Any, str]]:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, f"{prefix}{name}.")
             else:
-                rows.append((f"{prefix}{name}", field.default, field.description or ""))
+                default = field.default if field.default_factory is None else field.default_factory()
+                rows.append((f"{prefix}{name}", default, field.description or ""))
 
-    walk(TrainConfig, "")
+    walk(root or TrainConfig, "")
     return rows

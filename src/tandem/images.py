@@ -148,9 +148,7 @@ def load_image(path: str | Path, size: int, channels: int, resize: str = "crop")
     path = Path(path)
     try:
         with Image.open(path) as image:
-            _draft(image, size, channels, resize)  # before load, and before the EXIF turn: scale is orientation-free
-            image.load()
-            return fit_pil(image, size, channels, resize, in_place=True)
+            return _decode_opened(image, size, channels, resize)
     except FileNotFoundError:
         raise UserError(f"image {path} does not exist") from None
     except IsADirectoryError:
@@ -163,6 +161,13 @@ def load_image(path: str | Path, size: int, channels: int, resize: str = "crop")
         raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); fix or remove the file") from None
 
 
+def _decode_opened(image: Any, size: int, channels: int, resize: str) -> np.ndarray:
+    """An image Image.open has just read the header of -> uint8 (size, size, channels)."""
+    _draft(image, size, channels, resize)  # before load, and before the EXIF turn: scale is orientation-free
+    image.load()
+    return fit_pil(image, size, channels, resize, in_place=True)
+
+
 def decode_image_bytes(data: bytes, size: int, channels: int, resize: str = "crop",
                        max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     """An encoded image in memory (what a camera or a browser sends) -> (uint8 (size, size, channels), format).
@@ -171,7 +176,7 @@ def decode_image_bytes(data: bytes, size: int, channels: int, resize: str = "cro
     """
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise UserError("the image is empty; send the bytes of a PNG, JPEG or BMP file")
@@ -181,16 +186,14 @@ def decode_image_bytes(data: bytes, size: int, channels: int, resize: str = "cro
             if max_pixels is not None and width * height > max_pixels:
                 raise UserError(f"the image is {width}x{height} pixels, more than the {max_pixels} this server "
                                 "decodes; send a smaller image")
-            fmt = image.format or "unknown"
-            _draft(image, size, channels, resize)
-            image.load()
-            return fit_pil(image, size, channels, resize, in_place=True), fmt
+            fmt = image.format or "unknown"  # read before the EXIF turn, which may replace the image's data
+            return _decode_opened(image, size, channels, resize), fmt
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - untrusted bytes: a crafted file can make Pillow raise anything
-        if type(err).__name__ == "UnidentifiedImageError":
+        if isinstance(err, UnidentifiedImageError):
             raise UserError("the bytes are not an image file; send a PNG, JPEG, BMP, GIF, WebP or TIFF") from None
-        if type(err).__name__ == "DecompressionBombError":
+        if isinstance(err, Image.DecompressionBombError):
             raise UserError(f"the image has more pixels than this server decodes ({max_pixels or 'Pillow: 179M'}); "
                             "send a smaller image") from None
         raise UserError(f"cannot decode the image ({type(err).__name__}: {err}); send an intact image file (PNG, JPEG, BMP, GIF, WebP, TIFF)") from None

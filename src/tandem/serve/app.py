@@ -46,7 +46,7 @@ from tandem.runtime.predictor import softmax
 from tandem.runtime.preprocess import preprocess
 from tandem.serve.config import ServeConfig, check_model_name, tokens
 from tandem.serve.metrics import CONTENT_TYPE_LATEST, Metrics
-from tandem.serve.protocol import (HEADER_LENGTH, NotFound, ProtocolError, decompress, encode_infer,
+from tandem.serve.protocol import (HEADER_LENGTH, NotFound, ProtocolError, decompress, encode_infer, json_object,
                                    parse_infer)
 from tandem.serve.repository import ModelVersion, Repository, parse_version
 from tandem.serve.store import NotFound as UnknownPrediction
@@ -141,17 +141,7 @@ class Server:
 
     async def json_body(self, request: Request) -> dict:
         raw = await self.request_body(request, _JSON_LIMIT)
-        if not raw.strip():
-            return {}
-        try:
-            value = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ProtocolError(f"the body is not valid JSON ({err})") from None
-        except RecursionError:
-            raise ProtocolError("the body nests JSON too deeply") from None
-        if not isinstance(value, dict):
-            raise ProtocolError("the body must be a JSON object")
-        return value
+        return json_object(raw, "the body") if raw.strip() else {}
 
     # -- running models ---------------------------------------------------------------------------------------
     def acquire(self, scope: dict, name: str, version: int | None) -> ModelVersion:
@@ -408,10 +398,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
             else:
                 raise ProtocolError("parameters.versions must be a version number, a list of them, or \"1,2\"")
         loaded = await repo.load(model, versions)
-        server.metrics.loaded.clear()
-        for name, found in repo.loaded().items():
-            for number in found:
-                server.metrics.loaded.labels(name, str(number)).set(1)
+        server.metrics.set_loaded(repo.loaded())
         server.log(f"model {model}: loaded version(s) {', '.join(map(str, loaded))} on request")
         return Response(status_code=200)
 
@@ -420,10 +407,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         server.check(request.headers, admin=True)
         await server.json_body(request)
         await repo.unload(model)
-        server.metrics.loaded.clear()
-        for name, found in repo.loaded().items():
-            for number in found:
-                server.metrics.loaded.labels(name, str(number)).set(1)
+        server.metrics.set_loaded(repo.loaded())
         return Response(status_code=200)
 
     # -- tandem's own endpoints --------------------------------------------------------------------------------
@@ -690,9 +674,7 @@ def create_app(repo: str | Path, config: ServeConfig | None = None, log: Callabl
     async def lifespan(app: FastAPI):
         server.store.start()
         await server.repository.load_all()
-        for name, found in server.repository.loaded().items():
-            for number in found:
-                server.metrics.loaded.labels(name, str(number)).set(1)
+        server.metrics.set_loaded(server.repository.loaded())
         gc.collect()
         gc.freeze()  # what start-up made lives as long as the server: full collections need not walk it again
         if not server.repository.loaded():

@@ -60,10 +60,6 @@ class Batcher:
         self._waiting: set[concurrent.futures.Future] = set()  # batches computed, their `after` not yet done
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{name}")
 
-    @property
-    def queued(self) -> int:
-        return self._queued_images
-
     async def submit(self, x: np.ndarray, meta: Any = None) -> BatchResult:
         if self._closing:
             raise Unavailable(f"{self.name} is being unloaded; retry")

@@ -22,7 +22,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tandem.config import _explain, read_yaml_mapping
+from tandem.config import _explain, describe_keys, read_yaml_mapping
 from tandem.errors import UserError
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a folder name, never a path ("..", "a/b")
@@ -145,18 +145,8 @@ def load_serve_config(path: str | Path | None = None, overrides: dict | None = N
 
 
 def describe_serve_keys() -> list[tuple[str, object, str]]:
-    rows = []
-
-    def walk(cls: type[BaseModel], prefix: str) -> None:
-        for name, field in cls.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not BatchingOverride:
-                walk(ann, f"{prefix}{name}.")
-            else:
-                default = field.default if field.default_factory is None else field.default_factory()
-                rows.append((f"{prefix}{name}", default, field.description or ""))
-
-    walk(ServeConfig, "")
+    """Every serve setting; `models` is a map, so its per-model keys are spelled out."""
+    rows = [row for row in describe_keys(ServeConfig) if row[0] != "models"]
     rows.append(("models.<name>.versions", "latest", ModelSettings.model_fields["versions"].description))
     rows.append(("models.<name>.batching.*", None, "overrides of batching.* for that model"))
-    return [row for row in rows if row[0] != "models"]
+    return rows

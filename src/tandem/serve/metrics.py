@@ -59,5 +59,12 @@ class Metrics:
         self.child(self.queue, model, str(version)).observe(queue_s)
         self.child(self.compute, model, str(version)).observe(compute_s)
 
+    def set_loaded(self, loaded: dict) -> None:
+        """tandem_model_loaded from the repository's table {model: {version: ...}}, after each load or unload."""
+        self.loaded.clear()
+        for model, versions in loaded.items():
+            for version in versions:
+                self.loaded.labels(model, str(version)).set(1)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

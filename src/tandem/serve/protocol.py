@@ -99,13 +99,14 @@ def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
     return out
 
 
-def _json_object(raw: bytes, what: str) -> dict:
+def json_object(raw: bytes, what: str) -> dict:
+    """A JSON object, or a ProtocolError naming `what` (also for nesting too deep for the parser)."""
     try:
         value = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
         raise ProtocolError(f"{what} is not valid JSON ({err})") from None
     except RecursionError:
-        raise ProtocolError(f"{what} nests JSON too deeply; send a flat or (N, C, H, W) nested list") from None
+        raise ProtocolError(f"{what} nests JSON too deeply") from None
     if not isinstance(value, dict):
         raise ProtocolError(f"{what} must be a JSON object")
     return value
@@ -138,7 +139,7 @@ def parse_infer(body: bytes, header_length: str | None, spec: TensorSpec, max_im
         if not 0 < n <= len(body):
             raise ProtocolError(f"Inference-Header-Content-Length is {n} but the body has {len(body)} bytes")
         body, binary = body[:n], body[n:]
-    request = _json_object(body, "the request")
+    request = json_object(body, "the request")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError("the request's id must be a string")

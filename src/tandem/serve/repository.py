@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -56,7 +55,6 @@ class ModelVersion:
     predictor: object
     spec: TensorSpec
     batcher: Batcher
-    loaded_at: float = field(default_factory=time.time)
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     close_timeout: float = 30.0  # on retire, how long batches still committing may take
@@ -148,9 +146,6 @@ class Repository:
                 self._log(f"error: model {name} not loaded: {err}")
         self.started = True
 
-    def _batching(self, name: str) -> BatchingConfig:
-        return self.config.batching_for(name)
-
     async def load(self, name: str, versions: list[int] | None = None, fallback: bool = False) -> list[int]:
         """Load (or reload) a model's versions: all verified and warm before the switch. Returns the versions.
 
@@ -188,7 +183,7 @@ class Repository:
         if fallback and policy == "latest":
             wanted = self.wanted_versions(name, "all")[::-1]  # newest first: the first that loads serves
         current = self._models.get(name, {})
-        batching = self._batching(name)
+        batching = self.config.batching_for(name)
         new: dict[int, ModelVersion] = {}
         skipped: list[str] = []
         try:
