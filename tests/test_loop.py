@@ -122,7 +122,7 @@ def test_train_restores_the_callers_determinism_setting(small_npz, tmp_path, mon
     monkeypatch.setattr(loop.ckpt, "save_checkpoint", save_and_look)
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
     try:
-        _run(small_npz, tmp_path / "run", epochs=1)
+        _run(small_npz, tmp_path / "run", epochs=1, device="cpu")  # deterministic kernels are a CPU-run setting
         after = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     finally:
         torch.use_deterministic_algorithms(False)

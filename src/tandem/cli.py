@@ -63,6 +63,7 @@ def cmd_train(args) -> int:
     overrides = list(args.settings)
     if overrides and "=" not in overrides[0]:
         config_file = overrides.pop(0)
+    resume = args.resume
     if args.resume:
         from tandem.train.runs import resume_config
 
@@ -71,12 +72,35 @@ def cmd_train(args) -> int:
         cfg = resume_config(args.resume, overrides)
     else:
         cfg = load_config(config_file, overrides)
+        if _restarted():
+            # torchrun --max-restarts started this process again after a rank failed: continue the run
+            # in out_dir from its newest checkpoint instead of refusing the folder the first attempt made.
+            from pathlib import Path
+
+            from tandem.train.runs import resume_config
+
+            if not cfg.out_dir:
+                raise UserError("torchrun restarted the job, but out_dir is not set, so there is no run to continue; "
+                                "give out_dir=... to jobs started with --max-restarts")
+            if (Path(cfg.out_dir) / "config.yaml").is_file():
+                resume = cfg.out_dir
+                cfg = resume_config(cfg.out_dir, [])  # the same command: the run's own config
     from tandem.train.loop import train
 
-    result = train(cfg, resume=bool(args.resume), log=_log_for(args))
+    result = train(cfg, resume=bool(resume), log=_log_for(args))
     if args.json:
         _print_json({**result.metrics, "run_dir": str(result.run_dir)})
     return 0
+
+
+def _restarted() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+
+
+def _rank_prefix() -> str:
+    """'rank 1: ' inside a multi-process job (torchrun), so every error says which process it came from."""
+    world, rank = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    return f"rank {rank}: " if world not in ("", "0", "1") else ""
 
 
 def _next_version(args) -> tuple[str, int]:
@@ -371,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_rank_prefix()}{err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:
         if err.name in ("torch", "onnx", "onnxscript", "safetensors", "matplotlib"):

@@ -34,6 +34,11 @@ class DataConfig(_Section):
     # One value for every channel, or one per channel ([0.485, 0.456, 0.406] for ImageNet-style RGB).
     mean: Union[float, list[float]] = Field(0.5, description="preprocessing: (pixel/255 - mean) / std, per channel or one value")
     std: Union[float, list[float]] = Field(0.5, description="one value > 0, or one per channel")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="image folders: decode batches from disk in worker processes instead of holding the "
+                            "split in memory (auto: when its pixels would take more than a quarter of the RAM)")
+    workers: int = Field(2, ge=0, le=256, description="streamed folders: DataLoader worker processes (0 = decode in "
+                                                      "the training process)")
 
     @model_validator(mode="after")
     def _check_normalisation(self) -> "DataConfig":
@@ -72,13 +77,29 @@ class AugmentConfig(_Section):
     hflip: bool = Field(True, description="random horizontal flip, per image")
 
 
+class ParallelConfig(_Section):
+    strategy: Literal["ddp", "local-sgd", "tensor", "pipeline"] = Field(
+        "ddp", description="under torchrun: ddp (all-reduce gradients), local-sgd (average parameters every "
+                           "average_every steps), tensor (layers split across ranks) or pipeline (stages); one process: "
+                           "all of them are the same plain run")
+    average_every: int = Field(8, ge=1, le=100000, description="local-sgd: local steps between parameter averages")
+    data: int = Field(1, ge=1, le=4096, description="tensor / pipeline: data-parallel replicas of the model "
+                                                    "(a 2-D mesh: processes = data x stages)")
+    stages: int = Field(0, ge=0, le=1024, description="pipeline: stages (0 = processes / data)")
+    microbatches: int = Field(4, ge=1, le=4096, description="pipeline: micro-batches per step")
+    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="pipeline schedule")
+    timeout: int = Field(300, ge=5, le=86400, description="seconds a rank waits for the others (start-up, collectives) "
+                                                          "before the job fails")
+
+
 class TrainConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     augment: AugmentConfig = AugmentConfig()
-    batch_size: int = Field(128, ge=1, le=65536)
+    parallel: ParallelConfig = ParallelConfig()
+    batch_size: int = Field(128, ge=1, le=65536, description="images per optimizer step, over all processes")
     epochs: int = Field(22, ge=1, le=10000)
     max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0 = no limit)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs and CPUs with native bf16, else fp32")

@@ -83,17 +83,15 @@ def read_cache(path: Path, key: str) -> DecodedFolder | None:
     return data
 
 
-def write_cache(path: Path, key: str, data: DecodedFolder) -> bool:
-    """Store atomically (temporary name in the same folder, fsync, rename). A cache that cannot be written
-    costs only time: warn on stderr and return False."""
+def write_npz(path: Path, arrays: dict[str, np.ndarray], what: str, redo: str) -> bool:
+    """Store arrays atomically (temporary name in the same folder, fsync, rename). A cache that cannot be
+    written costs only time: warn on stderr ("cannot write the <what> ... <redo> next time"), return False."""
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
             tmp = Path(f.name)
-            # str arrays are stored as fixed-width unicode, so reading needs no pickle.
-            np.savez(f, key=np.array(key), pixels=data.pixels, labels=data.labels.astype(np.int64),
-                     classes=np.array(data.classes, dtype=str), skipped=np.array(data.skipped, dtype=str))
+            np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,6 +100,13 @@ def write_cache(path: Path, key: str, data: DecodedFolder) -> bool:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        print(f"warning: cannot write the decode cache in {path.parent} ({err.strerror or err}); decoding again "
-              "next time. Set TANDEM_CACHE_DIR to a writable folder to keep it", file=sys.stderr)
+        print(f"warning: cannot write the {what} in {path.parent} ({err.strerror or err}); {redo} next time. "
+              "Set TANDEM_CACHE_DIR to a writable folder to keep it", file=sys.stderr)
         return False
+
+
+def write_cache(path: Path, key: str, data: DecodedFolder) -> bool:
+    """Store a decoded folder (write_npz). str arrays are stored as fixed-width unicode: reading needs no pickle."""
+    return write_npz(path, {"key": np.array(key), "pixels": data.pixels, "labels": data.labels.astype(np.int64),
+                            "classes": np.array(data.classes, dtype=str), "skipped": np.array(data.skipped, dtype=str)},
+                     "decode cache", "decoding again")

@@ -121,6 +121,31 @@ def _class_files(root: Path) -> list[tuple[str, list[Path]]]:
     return files_by_class
 
 
+def list_folder(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """A folder of class sub-folders -> (class names, image files class by class and sorted by name, int64
+    labels): the order both in-memory and streamed folders keep."""
+    files_by_class = _class_files(root)
+    classes = [name for name, _ in files_by_class]
+    files = [path for _, paths in files_by_class for path in paths]
+    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(paths) for _, paths in files_by_class])
+    return classes, files, labels
+
+
+def folder_settings(size: int, channels: int, resize: str, skip_bad_files: bool) -> dict:
+    """The decode settings a folder's cache entries are keyed by (tandem.data.cache)."""
+    return {"size": size, "channels": channels, "resize": resize, "skip_bad_files": skip_bad_files}
+
+
+def check_skipped(classes: list[str], labels: np.ndarray, skipped: list[str]) -> None:
+    """Warn about skipped unreadable files; a class left with no images is a UserError."""
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s), first {skipped[0]}", file=sys.stderr)
+    present = set(np.unique(labels).tolist())
+    for label, name in enumerate(classes):
+        if label not in present:
+            raise UserError(f"class '{name}' has no readable images left after skipping bad files")
+
+
 def _decode_folder(files: list[Path], labels: np.ndarray, classes: list[str], size: int, channels: int,
                    resize: str, skip_bad_files: bool, workers: int | None) -> cache.DecodedFolder:
     pixels = np.empty((len(files), size, size, channels), np.uint8)
@@ -146,11 +171,8 @@ def load_folder(root: Path, size: int, channels: int, skip_bad_files: bool = Fal
     """One sub-folder per class, images inside (PNG, JPEG, BMP; any size; gray or colour); decoded in
     `workers` processes (default: every CPU), or read from the decode cache when nothing changed."""
     started = time.perf_counter()
-    files_by_class = _class_files(root)
-    classes = [name for name, _ in files_by_class]
-    files = [path for _, paths in files_by_class for path in paths]
-    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [len(paths) for _, paths in files_by_class])
-    settings = {"size": size, "channels": channels, "resize": resize, "skip_bad_files": skip_bad_files}
+    classes, files, labels = list_folder(root)
+    settings = folder_settings(size, channels, resize, skip_bad_files)
     key = cache.content_key(root, files, classes, settings)
     where = cache.cache_file(root, settings)
     data = cache.read_cache(where, key)
@@ -158,12 +180,7 @@ def load_folder(root: Path, size: int, channels: int, skip_bad_files: bool = Fal
     if not from_cache:
         data = _decode_folder(files, labels, classes, size, channels, resize, skip_bad_files, workers)
         cache.write_cache(where, key, data)
-    if data.skipped:
-        print(f"warning: skipped {len(data.skipped)} unreadable image(s), first {data.skipped[0]}", file=sys.stderr)
-    present = set(data.labels.tolist())
-    for label, name in enumerate(classes):
-        if label not in present:
-            raise UserError(f"class '{name}' has no readable images left after skipping bad files")
+    check_skipped(classes, data.labels, data.skipped)
     decode = {"files": len(files), "images": len(data.labels), "decoded": 0 if from_cache else len(data.labels),
               "from_cache": from_cache, "seconds": time.perf_counter() - started,
               "workers": 0 if from_cache else pool_size(len(files), workers)}

@@ -88,7 +88,9 @@ def held_out_data(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[np.nd
             "will carry no test accuracy (parity is still checked)")
         return None, None, splits.train.decode
     test = splits.test
-    return preprocess(test.pixels, cfg.data.mean, cfg.data.std), test.labels, splits.train.decode
+    # A streamed run (tandem.data.stream) lists files: its test split is decoded here, one image at a time.
+    pixels = test.pixels if hasattr(test, "pixels") else np.stack([test.read(i) for i in range(len(test))])
+    return preprocess(pixels, cfg.data.mean, cfg.data.std), test.labels, splits.train.decode
 
 
 def parity(model: torch.nn.Module, session, x: np.ndarray) -> float:

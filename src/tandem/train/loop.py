@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from tandem.config import TrainConfig, dump_config
-from tandem.data import Dataset, Splits, load_dataset, split_dataset
+from tandem.data import Dataset, Splits, stream
+from tandem.data.stream import FileSplits
 from tandem.errors import UserError
 from tandem.runtime.preprocess import preprocess
 from tandem.train import checkpoint as ckpt
-from tandem.train.augment import augment
-from tandem.train.device import autocast_dtype, pick_device, pick_precision
+from tandem.train.augment import apply, draw
+from tandem.train.device import autocast_dtype, pick_precision
+from tandem.train.distributed import Dist, Engine, init_distributed, make_engine
 from tandem.train.finetune import inherit_from_bundle, load_bundle_weights
+from tandem.train.loader import make_batches
 from tandem.train.models import count_parameters, create_model
 from tandem.train.runs import link_latest, new_run_dir, remove_if_empty
 
@@ -60,6 +63,7 @@ class LoopState:
     running: dict = field(default_factory=_no_examples)
     stopped_early: bool = False
     init_from: dict | None = None  # the bundle a fine-tuning run started from (its provenance)
+    comm_bytes: int = 0  # bytes all processes had communicated at the last checkpoint (see Engine.report)
 
 
 def _cosine(start: float, end: float, fraction: float) -> float:
@@ -86,21 +90,23 @@ def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
     return _cosine(peak, floor, (step - warm_end) / max(1e-9, total - 1 - warm_end))
 
 
-def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, named_parameters) -> torch.optim.Optimizer:
+    """Over (name, parameter) pairs, in the order of distributed.optimizer_order (checkpoints rely on it)."""
     # No weight decay on biases and batch-norm parameters.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    params = [p for _, p in named_parameters]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
 
 
-def load_splits(cfg: TrainConfig) -> Splits:
-    """The run's data, deduplicated and split by its seed: the same images for train, resume and export."""
-    data = load_dataset(cfg.data.source, cfg.data.image_size, cfg.data.channels, cfg.data.skip_bad_files,
-                        resize=cfg.data.resize)
-    return split_dataset(data, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+def load_splits(cfg: TrainConfig) -> Splits | FileSplits:
+    """The run's data, deduplicated and split by its seed: the same images for train, resume and export.
+    In memory (Splits), or, for folders too large for memory (data.stream), files decoded batch by batch
+    in DataLoader workers (FileSplits): the same images either way."""
+    return stream.load_splits(cfg.data, cfg.seed)
 
 
 def to_tensors(data: Dataset, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,30 +115,50 @@ def to_tensors(data: Dataset, cfg: TrainConfig, device: torch.device) -> tuple[t
     return x.to(device), torch.from_numpy(data.labels).to(device)
 
 
+def index_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    """Positions 0..n-1 in batches, this process's strided share of each (rows rank::world)."""
+    return [torch.arange(i, min(n, i + batch_size))[rank::world] for i in range(0, n, batch_size)]
+
+
 @torch.no_grad()
-def evaluate(model, x, y, batch_size, memory_format, amp_dtype, num_classes) -> tuple[float, float, np.ndarray]:
-    """(mean loss, accuracy, confusion matrix) over a whole split."""
+def evaluate(model, source, batches, memory_format, amp_dtype, num_classes, dist_: Dist) -> tuple[float, float, np.ndarray]:
+    """(mean loss, accuracy, confusion matrix) over a whole split; each process evaluates its share of the
+    batches and the sums are added over processes."""
     model.eval()
-    loss_sum, confusion = 0.0, torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].contiguous(memory_format=memory_format)
-        with torch.autocast(xb.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(xb).float()
-        loss_sum += F.cross_entropy(logits, y[i:i + batch_size], reduction="sum").item()
-        pairs = y[i:i + batch_size].cpu() * num_classes + logits.argmax(1).cpu()
-        confusion += torch.bincount(pairs, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    for x, y in source.batches(batches):
+        x = x.contiguous(memory_format=memory_format)
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     model.train()
-    matrix = confusion.numpy()
-    return loss_sum / max(1, len(x)), float(np.trace(matrix) / max(1, matrix.sum())), matrix
+    dist_.all_reduce_sum(loss_sum)
+    matrix = dist_.all_reduce_sum(confusion).view(num_classes, num_classes).cpu().numpy()
+    count = max(1, int(matrix.sum()))
+    return loss_sum.item() / count, float(np.trace(matrix) / count), matrix
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> torch.Tensor:
-    """The sampler: a permutation that depends only on (seed, epoch), so a resumed run sees the same order."""
+    """The sampler: a permutation that depends only on (seed, epoch), so a resumed run sees the same order.
+    Under torchrun every process computes the same one and takes its strided share of each batch."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def _progress(cfg: TrainConfig, total: int, start: int):
-    if not (cfg.progress and sys.stderr.isatty()):
+def step_chunks(batch_len: int, engine: Engine, accum: int) -> list[torch.Tensor]:
+    """Positions (within the global batch) of this process's chunks: its share is rows data_rank::data_world,
+    split into `accum` strided micro-batches (k::accum), so 2 processes x 1 micro-batch and 1 process x 2
+    micro-batches see the same micro-batches (and batch-norm statistics). A pipeline takes its share whole."""
+    share = torch.arange(batch_len)[engine.data_rank::engine.data_world]
+    if engine.splits_batch:
+        return [share]
+    return [share[k::accum] for k in range(accum) if len(share[k::accum])]
+
+
+def _progress(cfg: TrainConfig, total: int, start: int, show: bool):
+    if not (show and cfg.progress and sys.stderr.isatty()):
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -144,26 +170,32 @@ def _progress(cfg: TrainConfig, total: int, start: int):
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> TrainResult:
+    """One run. Under torchrun every process calls this with the same config: rank 0 picks and writes the
+    run folder, the others train beside it and write nothing."""
     # Deterministic kernels on CPU for this run only; the caller's setting comes back afterwards.
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     made = False
+    dist_, device = init_distributed(cfg.device, cfg.parallel.timeout)
     try:
-        if not resume:  # a folder of its own (see train/runs.py)
-            cfg, made = new_run_dir(inherit_from_bundle(cfg) if cfg.init_from else cfg)
-        return _train(cfg, resume, log)
+        if not resume:  # a folder of its own (see train/runs.py), chosen by rank 0
+            cfg, made = dist_.from_main(lambda: new_run_dir(inherit_from_bundle(cfg) if cfg.init_from else cfg))
+            made = made and dist_.is_main
+        result = _train(cfg, resume, log if dist_.is_main else (lambda *a, **k: None), dist_, device)
+        dist_.barrier()  # every process leaves together, once rank 0 has written the results
+        return result
     except BaseException:
         if made:
             remove_if_empty(Path(cfg.out_dir))  # a run that could not start leaves no empty folder
         raise
     finally:
         torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+        dist_.close()
 
 
-def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
+def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.device) -> TrainResult:
     # 1. Where the run writes, on what device, in what precision.
     run_dir = Path(cfg.out_dir)
-    device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     amp_dtype = autocast_dtype(precision)
     torch.manual_seed(cfg.seed)
@@ -172,31 +204,48 @@ def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
     # 2. Data: decoded once (then cached), deduplicated, split, preprocessed with the runtime's own function.
     splits = load_splits(cfg)
     classes, fingerprint = splits.train.classes, splits.train.fingerprint()
-    x_train, y_train = to_tensors(splits.train, cfg, device)
-    x_val, y_val = to_tensors(splits.val, cfg, device)
+    train_data, val_data = make_batches(splits.train, cfg, device), make_batches(splits.val, cfg, device)
     # The value of a black pixel after preprocessing, per channel: what a shifted image's border shows.
     black = np.zeros((1, 1, 1, cfg.data.channels), np.uint8)
     background = torch.from_numpy(preprocess(black, cfg.data.mean, cfg.data.std)[0, :, 0, 0]).to(device)
 
-    # 3. The model and its optimizer.
+    # 3. The model, written for one device; the engine applies the strategy from outside (train/distributed.py).
     model = create_model(cfg.model.name, cfg.data.channels, cfg.data.image_size, len(classes),
                          cfg.model.width, cfg.model.dropout)
     # channels_last runs the convs of oneDNN / cuDNN about 1.4x faster; it changes layout, not maths.
     memory_format = torch.channels_last if cfg.model.name != "mlp" else torch.contiguous_format
     model = model.to(device).to(memory_format=memory_format)
-    optimizer = make_optimizer(cfg, model)
+
+    def loss_fn(logits, y):
+        return F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+    engine = make_engine(cfg, dist_, model, loss_fn, autocast, device)
+    optimizer = engine.wrap_optimizer(make_optimizer(cfg, engine.named_parameters()))
     augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    batch, micro = cfg.batch_size, cfg.batch_size // cfg.optim.grad_accum
-    n = len(x_train)
+    batch = cfg.batch_size
+    if engine.splits_batch and cfg.optim.grad_accum > 1:
+        raise UserError("parallel.strategy=pipeline splits each batch into parallel.microbatches itself; "
+                        "leave optim.grad_accum at 1")
+    if batch // engine.data_world < 1:
+        raise UserError(f"batch_size={batch} is smaller than the {engine.data_world} data-parallel processes; "
+                        f"give batch_size >= {engine.data_world}")
+    n = len(train_data)
     steps_per_epoch = n // batch + (1 if n % batch > 1 else 0)  # a last batch of one image would break batch norm
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or cfg.epochs * steps_per_epoch)
+    val_batches = index_batches(len(val_data), 512, dist_.rank, dist_.world)
 
     # 4. Resume: every tensor, RNG and counter as it was at the newest good checkpoint. Or, at step 0 of a
     # fine-tuning run, the bundle's weights.
-    state = _restore(run_dir, model, optimizer, augment_rng, device, fingerprint, log) if resume else LoopState()
+    layout = {"strategy": engine.strategy, "processes": dist_.world}
+    state = _restore(run_dir, engine, optimizer, augment_rng, device, fingerprint, layout, dist_, log) if resume \
+        else LoopState()
     if cfg.init_from and state.step == 0:
-        state.init_from = load_bundle_weights(model, cfg.init_from, classes)
-    metrics_path = _start_log(run_dir, cfg, state.step)
+        state.init_from = load_bundle_weights(engine.model, cfg.init_from, classes)
+        engine.load_state(engine.model.state_dict(), optimizer, engine.full_optimizer_state(optimizer))
+    metrics_path = _start_log(run_dir, cfg, state.step) if dist_.is_main else run_dir / "metrics.jsonl"
     log(f"config:\n{dump_config(cfg)}")
     log(f"data: {splits.train.describe_decode()}; {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test images, {len(classes)} classes, {splits.duplicates_removed} exact duplicates removed")
@@ -205,62 +254,94 @@ def _train(cfg: TrainConfig, resume: bool, log) -> TrainResult:
         log(f"fine-tuning from {init['bundle']}: {len(init['classes_kept'])} classes kept, "
             f"{len(init['classes_new'])} new ({', '.join(init['classes_new']) or 'none'})")
     log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters; device {device}, precision {precision}; "
-        f"{total_steps} steps of {batch} images")
+        f"{total_steps} steps of {batch} images; {engine.describe()}")
 
-    def save() -> Path:
+    def save(synced: bool) -> Path | None:
+        if not synced:
+            engine.sync(optimizer)  # every process holds the whole state: rank 0 writes it
         extra = {"epoch": state.step / steps_per_epoch, "total_steps": total_steps, "classes": classes,
-                 "precision": precision, "data_fingerprint": fingerprint, "data_decode": splits.train.decode}
-        return _save(run_dir, cfg, model, optimizer, augment_rng, device, state, extra)
+                 "precision": precision, "data_fingerprint": fingerprint, "data_decode": splits.train.decode,
+                 "parallel": layout}
+        optim_state = engine.full_optimizer_state(optimizer)
+        # Each process's own RNG streams: pipeline stages draw dropout masks on some processes and not others.
+        rngs = {"rng.torch": dist_.all_gather(torch.get_rng_state())}
+        if device.type == "cuda":
+            rngs["rng.cuda"] = dist_.all_gather(torch.cuda.get_rng_state())
+        running = {k: dist_.all_reduce_sum(torch.tensor(float(v), dtype=torch.float64)).item()
+                   for k, v in state.running.items()}
+        # The partial sums of the epoch so far, over every process: rank 0 carries them on, the others start
+        # again from zero (a resumed run does the same), so the epoch's figures are the same either way.
+        state.running = running if dist_.is_main else _no_examples()
+        state.comm_bytes = engine.report().get("comm_bytes", 0)
+        if not dist_.is_main:
+            return None
+        return _save(run_dir, cfg, engine.model, optim_state, augment_rng, device, state, extra, rngs)
 
     # 5. The loop: one optimizer step per iteration, validation and checkpoints at the end of each epoch.
-    bar = _progress(cfg, total_steps, state.step)
+    bar = _progress(cfg, total_steps, state.step, dist_.is_main)
     model.train()
-    order = epoch_order(n, state.step // steps_per_epoch, cfg.seed)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: read once per logging interval
     t_last = time.perf_counter()
     while state.step < total_steps and not state.stopped_early:
         epoch, position = divmod(state.step, steps_per_epoch)
-        if position == 0:
-            order = epoch_order(n, epoch, cfg.seed)
-        lr = learning_rate(state.step, total_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        index = order[position * batch:(position + 1) * batch].to(device)
-        for chunk in index.split(micro):  # grad_accum micro-batches make one step of `batch` images
-            xb = augment(x_train[chunk], cfg.augment.shift, cfg.augment.hflip, augment_rng, background)
-            xb = xb.contiguous(memory_format=memory_format)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(xb)
-                loss = F.cross_entropy(logits.float(), y_train[chunk], label_smoothing=cfg.optim.label_smoothing)
-            (loss * (len(chunk) / len(index))).backward()
-            state.running["loss"] += loss.item() * len(chunk)
-            state.running["correct"] += (logits.argmax(1) == y_train[chunk]).sum().item()
-            state.running["count"] += len(chunk)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.images_seen += len(index)
-        now = time.perf_counter()
-        state.train_seconds, t_last = state.train_seconds + now - t_last, now
-        _show(bar, state, epoch, total_steps)
+        order = epoch_order(n, epoch, cfg.seed)
+        batches = []  # the rest of this epoch, chunk by chunk, so that a streamed split can read ahead
+        for pos in range(position, min(steps_per_epoch, position + total_steps - state.step)):
+            index = order[pos * batch:(pos + 1) * batch]
+            batches.append((len(index), step_chunks(len(index), engine, cfg.optim.grad_accum), index))
+        flat = [index[chunk] for _, chunks, index in batches for chunk in chunks]
+        stream = train_data.batches(flat)
+        for batch_len, chunks, _ in batches:
+            lr = learning_rate(state.step, total_steps, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # Augmentation is drawn for the global batch; each process applies the rows of its share.
+            params = draw(batch_len, cfg.augment.shift, cfg.augment.hflip, augment_rng)
+            for k, chunk in enumerate(chunks):
+                xb, yb = next(stream)
+                xb = apply(xb, params[chunk], cfg.augment.shift, background).contiguous(memory_format=memory_format)
+                loss_sum, correct, count = engine.forward_backward(xb, yb, len(chunk) / batch_len,
+                                                                   last=k == len(chunks) - 1)
+                sums[0] += loss_sum
+                sums[1] += correct
+                state.running["count"] += count
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            engine.after_step()
+            state.step += 1
+            state.images_seen += batch_len
+            now = time.perf_counter()
+            state.train_seconds, t_last = state.train_seconds + now - t_last, now
 
-        end_of_epoch = state.step % steps_per_epoch == 0 or state.step == total_steps
-        improved = False
-        if end_of_epoch:
-            improved = _end_of_epoch(cfg, state, model, x_val, y_val, memory_format, amp_dtype, len(classes), lr,
-                                     steps_per_epoch, metrics_path, bar.console.print if bar else log)
-        if improved or state.step == total_steps or state.stopped_early or (
-                cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
-                not cfg.checkpoint_every and end_of_epoch):
-            save()
-        if state.stopped_early:
-            log(f"early stopping: validation accuracy has not improved for {state.bad_epochs} epochs")
-        t_last = time.perf_counter()  # validation and checkpoint I/O are not training time
+            end_of_epoch = state.step % steps_per_epoch == 0 or state.step == total_steps
+            saving = state.step == total_steps or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) \
+                or (not cfg.checkpoint_every and end_of_epoch)
+            if end_of_epoch or saving or (bar is not None and state.step % 10 == 0):
+                state.running["loss"] += sums[0].item()
+                state.running["correct"] += sums[1].item()
+                sums.zero_()
+            _show(bar, state, epoch, total_steps)
+            improved = False
+            if end_of_epoch:
+                engine.sync(optimizer)
+                improved = _end_of_epoch(cfg, state, engine.model, val_data, val_batches, memory_format, amp_dtype,
+                                         len(classes), lr, steps_per_epoch, metrics_path, dist_, engine,
+                                         bar.console.print if bar else log)
+            if improved or saving or state.stopped_early:
+                save(synced=end_of_epoch)
+            if state.stopped_early:
+                log(f"early stopping: validation accuracy has not improved for {state.bad_epochs} epochs")
+            t_last = time.perf_counter()  # validation and checkpoint I/O are not training time
+            if end_of_epoch or state.stopped_early:
+                break
     if bar is not None:
         bar.stop()
+    train_data.close()  # a streamed split's worker processes end here
+    val_data.close()
 
     # 6. The verdict: the best checkpoint, in fp32 as the bundle ships it, on images the model never saw.
-    return _verdict(cfg, run_dir, model, splits, state, steps_per_epoch, device, memory_format, precision,
-                    metrics_path, log)
+    return _verdict(cfg, run_dir, engine, splits, state, steps_per_epoch, device, memory_format, precision,
+                    metrics_path, dist_, log)
 
 
 def _start_log(run_dir: Path, cfg: TrainConfig, step: int) -> Path:
@@ -274,32 +355,56 @@ def _start_log(run_dir: Path, cfg: TrainConfig, step: int) -> Path:
     return metrics_path
 
 
-def _restore(run_dir, model, optimizer, augment_rng, device, fingerprint: str, log) -> LoopState:
-    found = ckpt.latest_checkpoint(run_dir)
-    if found is None:
+def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprint: str, layout: dict, dist_: Dist,
+             log) -> LoopState:
+    """Rank 0 finds the newest good checkpoint and reads it; every process takes its part of the state."""
+
+    def newest() -> ckpt.Checkpoint | None:
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is None:
+            return None
+        if found.state.get("data_fingerprint") not in (None, fingerprint):
+            raise UserError(f"--resume {run_dir}: the training images differ from the ones this run was trained on "
+                            "(files added, removed or changed); resuming would mix two data sets: start a new run")
+        saved = found.state.get("parallel", {"strategy": "single", "processes": 1})
+        if saved["processes"] != layout["processes"] or (layout["processes"] > 1 and saved != layout):
+            raise UserError(f"--resume {run_dir}: the run was trained as {saved['strategy']} on {saved['processes']} "
+                            f"process(es), this is {layout['strategy']} on {layout['processes']}; resume it the way it "
+                            f"ran (torchrun --nproc-per-node ... with the same parallel.strategy)")
+        return found
+
+    found = dist_.from_main(newest, share=False)
+    there = dist_.from_main(lambda: found is not None)
+    if not there:
         log(f"no checkpoint in {run_dir} yet: starting from step 0")
         return LoopState()
-    if found.state.get("data_fingerprint") not in (None, fingerprint):
-        raise UserError(f"--resume {run_dir}: the training images differ from the ones this run was trained on "
-                        "(files added, removed or changed); resuming would mix two data sets: start a new run")
-    model.load_state_dict(found.model)
-    optimizer.load_state_dict(ckpt.unflatten_optimizer(found.trainer, found.state["optimizer"]))
-    torch.set_rng_state(found.trainer["rng.torch"])
-    augment_rng.set_state(found.trainer["rng.augment"])
-    if device.type == "cuda" and "rng.cuda" in found.trainer:
-        torch.cuda.set_rng_state(found.trainer["rng.cuda"])
-    state = LoopState(step=found.state["step"], **found.state["loop"])
-    log(f"resumed from {found.path} at step {state.step}" + (" (the run had stopped early: nothing left to train)"
-                                                            if state.stopped_early else ""))
+    model_state = dist_.broadcast_tensors(found.model if dist_.is_main else None, engine.model.state_dict())
+    trainer = dist_.broadcast_tensors(found.trainer if dist_.is_main else None, None)
+    meta = dist_.from_main(lambda: {k: found.state[k] for k in ("step", "loop", "optimizer")} | {"path": str(found.path)})
+    engine.load_state(model_state, optimizer, ckpt.unflatten_optimizer(trainer, meta["optimizer"]))
+    own = "" if dist_.is_main else f".{dist_.rank}"  # rank r > 0 saved its streams as rng.torch.<r>
+    torch.set_rng_state(trainer[f"rng.torch{own}"])
+    augment_rng.set_state(trainer["rng.augment"])
+    if device.type == "cuda" and f"rng.cuda{own}" in trainer:
+        torch.cuda.set_rng_state(trainer[f"rng.cuda{own}"])
+    state = LoopState(step=meta["step"], **meta["loop"])
+    engine.resume_at(state.step)
+    if dist_.is_main:
+        engine.comm_bytes = state.comm_bytes  # the job's count goes on from the checkpoint's
+    else:
+        state.running = _no_examples()  # rank 0 carries the epoch's partial sums
+    log(f"resumed from {meta['path']} at step {state.step}" + (" (the run had stopped early: nothing left to train)"
+                                                               if state.stopped_early else ""))
     return state
 
 
-def _save(run_dir, cfg, model, optimizer, augment_rng, device, state: LoopState, extra: dict) -> Path:
-    tensors, optim_meta = ckpt.flatten_optimizer(optimizer.state_dict())
-    tensors["rng.torch"] = torch.get_rng_state()
+def _save(run_dir, cfg, model, optim_state: dict, augment_rng, device, state: LoopState, extra: dict,
+          rngs: dict[str, list[torch.Tensor]]) -> Path:
+    tensors, optim_meta = ckpt.flatten_optimizer(optim_state)
+    for name, per_rank in rngs.items():  # rank 0's under the one-process name, rank r's as <name>.<r>
+        for rank, rng in enumerate(per_rank):
+            tensors[name if rank == 0 else f"{name}.{rank}"] = rng
     tensors["rng.augment"] = augment_rng.get_state()
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     loop = {k: v for k, v in asdict(state).items() if k != "step"}
     meta = {**extra, "config": cfg.model_dump(), "optimizer": optim_meta, "loop": loop}
     return ckpt.save_checkpoint(run_dir, state.step, model.state_dict(), tensors, meta, cfg.keep_checkpoints,
@@ -314,17 +419,22 @@ def _show(bar, state: LoopState, epoch: int, total_steps: int) -> None:
             f"{state.images_seen / state.train_seconds:,.0f} img/s"))
 
 
-def _end_of_epoch(cfg, state: LoopState, model, x_val, y_val, memory_format, amp_dtype, num_classes, lr,
-                  steps_per_epoch, metrics_path: Path, show) -> bool:
-    """Validate, log one line to metrics.jsonl, track the best epoch; True when this one is the new best."""
-    r = state.running
+def _end_of_epoch(cfg, state: LoopState, model, val_data, val_batches, memory_format, amp_dtype, num_classes, lr,
+                  steps_per_epoch, metrics_path: Path, dist_: Dist, engine: Engine, show) -> bool:
+    """Validate, log one line to metrics.jsonl (rank 0), track the best epoch; True when this one is the new best.
+    Training figures are summed over every process here, in one place."""
+    totals = dist_.all_reduce_sum(torch.tensor([state.running[k] for k in ("loss", "correct", "count")],
+                                               dtype=torch.float64)).tolist()
+    r = dict(zip(("loss", "correct", "count"), totals))
     record = {"step": state.step, "epoch": math.ceil(state.step / steps_per_epoch), "lr": lr,
               "train_loss": r["loss"] / r["count"], "train_accuracy": r["correct"] / r["count"],
               "images_per_second": state.images_seen / state.train_seconds, "train_seconds": state.train_seconds}
+    for key, value in engine.report().items():
+        record[key] = value
     improved = False
-    if len(x_val):
-        record["val_loss"], record["val_accuracy"], _ = evaluate(model, x_val, y_val, 512, memory_format, amp_dtype,
-                                                                 num_classes)
+    if len(val_data):
+        record["val_loss"], record["val_accuracy"], _ = evaluate(model, val_data, val_batches, memory_format,
+                                                                 amp_dtype, num_classes, dist_)
         improved = record["val_accuracy"] > state.best_val
         if improved:
             state.best_val, state.best_step, state.bad_epochs = record["val_accuracy"], state.step, 0
@@ -332,38 +442,53 @@ def _end_of_epoch(cfg, state: LoopState, model, x_val, y_val, memory_format, amp
             state.bad_epochs += 1
         state.stopped_early = bool(cfg.early_stopping) and state.bad_epochs >= cfg.early_stopping
     state.running = _no_examples()
-    with open(metrics_path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    if dist_.is_main:
+        with open(metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
     summary = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("loss", "accuracy")))
     show(f"epoch {record['epoch']:>3}  {summary}  {record['images_per_second']:,.0f} img/s")
     return improved
 
 
-def _verdict(cfg, run_dir: Path, model, splits: Splits, state: LoopState, steps_per_epoch: int, device,
-             memory_format, precision, metrics_path: Path, log) -> TrainResult:
-    """Test accuracy of the checkpoint export ships (the best on validation), evaluated in fp32 like the bundle."""
-    last = ckpt.list_checkpoints(run_dir)[-1]
-    best = ckpt.checkpoint_path(run_dir, state.best_step) if state.best_step is not None else last
+def _verdict(cfg, run_dir: Path, engine: Engine, splits: Splits, state: LoopState, steps_per_epoch: int, device,
+             memory_format, precision, metrics_path: Path, dist_: Dist, log) -> TrainResult:
+    """Test accuracy of the checkpoint export ships (the best on validation), evaluated in fp32 like the bundle.
+    Every process evaluates its share; rank 0 reads the checkpoint, writes results.json and the plots."""
+    model = engine.model
+    paths = dist_.from_main(lambda: _best_and_last(run_dir, state))
+    best, last = Path(paths[0]), Path(paths[1])
     if best != last:
-        model.load_state_dict(ckpt.read_checkpoint(best).model)
-    x_test, y_test = to_tensors(splits.test, cfg, device)
+        weights = ckpt.read_checkpoint(best).model if dist_.is_main else None
+        model.load_state_dict(dist_.broadcast_tensors(weights, model.state_dict()))
+    test_data = make_batches(splits.test, cfg, device)
     classes = splits.train.classes
-    test_loss, test_acc, confusion = evaluate(model, x_test, y_test, 512, memory_format, None, len(classes))
+    test_loss, test_acc, confusion = evaluate(model, test_data, index_batches(len(test_data), 512, dist_.rank, dist_.world),
+                                              memory_format, None, len(classes), dist_)
+    test_data.close()
     metrics = {"test_accuracy": test_acc, "test_loss": test_loss,
                "val_accuracy": state.best_val if len(splits.val) else None, "train_seconds": state.train_seconds,
                "images_per_second": state.images_seen / max(state.train_seconds, 1e-9), "steps": state.step,
                "epochs": state.step / steps_per_epoch, "parameters": count_parameters(model), "precision": precision,
                "device": str(device), "test_images": len(splits.test), "duplicates_removed": splits.duplicates_removed,
                "stopped_early": state.stopped_early, "decode": splits.train.decode,
+               "parallel": {"strategy": engine.strategy, "processes": dist_.world, **engine.report()},
                "checkpoint": str(best), "last_checkpoint": str(last)}
-    ckpt.write_json_atomic(run_dir / "results.json", {**metrics, "classes": classes, "confusion": confusion.tolist()})
-    from tandem.train.plots import plot_confusion, plot_curves
+    if dist_.is_main:
+        ckpt.write_json_atomic(run_dir / "results.json", {**metrics, "classes": classes,
+                                                          "confusion": confusion.tolist()})
+        from tandem.train.plots import plot_confusion, plot_curves
 
-    history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    if history:
-        plot_curves(history, run_dir / "curves.png")
-    plot_confusion(confusion, classes, run_dir / "confusion.png")
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+        if history:
+            plot_curves(history, run_dir / "curves.png")
+        plot_confusion(confusion, classes, run_dir / "confusion.png")
     log(f"test accuracy {test_acc:.4f} on {len(splits.test)} held-out images (checkpoint {best.name}, fp32); "
         f"{state.train_seconds:.1f} s training at {metrics['images_per_second']:,.0f} img/s")
     log(f"export it:  tandem export {run_dir} --out {run_dir / 'bundle'}")
     return TrainResult(run_dir, best, last, metrics)
+
+
+def _best_and_last(run_dir: Path, state: LoopState) -> tuple[str, str]:
+    last = ckpt.list_checkpoints(run_dir)[-1]
+    best = ckpt.checkpoint_path(run_dir, state.best_step) if state.best_step is not None else last
+    return str(best), str(last)

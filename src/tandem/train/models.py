@@ -2,12 +2,14 @@
 
     model = create_model("cnn", in_channels=1, image_size=28, num_classes=10, width=16)
 
-Every model takes float32 (N, C, H, W) and returns logits (N, classes), and exports to ONNX.
+Every model takes float32 (N, C, H, W) and returns logits (N, classes), and exports to ONNX. Every model is a
+top-level nn.Sequential (train/parallel.py cuts it into pipeline stages between its children), and a model may
+have a tensor-parallel plan in TENSOR_PLANS (which children train/parallel.py shards, and how).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -74,6 +76,43 @@ def resnet(in_channels: int, image_size: int, num_classes: int, width: int = 16,
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+
+
+def mlp_tensor_plan(model: nn.Module) -> dict:
+    """Megatron-style MLP: Linear 1 column-wise (each rank holds a slice of the hidden units, no communication),
+    Linear 2 row-wise (consumes that slice; its partial sums are all-reduced into a replicated output), the head
+    column-wise (each rank computes a slice of the classes; the logits are all-gathered, replicated). Every
+    weight and bias is sharded except the row-wise Linear's bias (replicated)."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    linears = [name for name, child in model.named_children() if isinstance(child, nn.Linear)]
+    first, second, head = linears
+    # The Linears hand on DTensors: the in-place ReLUs after them may not modify the plain view that
+    # use_local_output would return.
+    return {first: ColwiseParallel(use_local_output=False), second: RowwiseParallel(use_local_output=False),
+            head: ColwiseParallel(output_layouts=Replicate())}
+
+
+def cnn_tensor_plan(model: nn.Module) -> dict:
+    """The head Linear column-wise (each rank computes a slice of the classes from the whole flattened feature
+    map; the logits are all-gathered, replicated). The convs and batch norms have no Linear-style split: they are
+    replicated (every rank holds all of them and runs them on the same batch). The Flatten's output leaves
+    DTensor as a plain tensor, so the head's partial input gradient is all-reduced there, at its smallest."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput
+
+    children = list(model.named_children())
+    head = [name for name, child in children if isinstance(child, nn.Linear)][-1]
+    flatten = [name for name, child in children if isinstance(child, nn.Flatten)][-1]
+    return {flatten: PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate()),
+            head: ColwiseParallel(output_layouts=Replicate())}
+
+
+# Tensor-parallel plans: model name -> (built model -> {child name: torch ParallelStyle}). What a plan leaves out
+# is replicated. A model without a plan (resnet: its residual blocks have no Linear pairs to split) trains with
+# ddp or pipeline instead.
+TENSOR_PLANS: dict[str, Callable[[nn.Module], dict]] = {"mlp": mlp_tensor_plan, "cnn": cnn_tensor_plan}
 
 
 def create_model(name: str, in_channels: int, image_size: int, num_classes: int, width: int = 16,

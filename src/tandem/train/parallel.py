@@ -1,0 +1,589 @@
+"""Tensor and pipeline parallelism, applied to a built single-device model from outside.
+
+    torchrun --nproc-per-node 2 -m tandem train parallel.strategy=tensor model.name=mlp
+    torchrun --nproc-per-node 2 -m tandem train parallel.strategy=pipeline parallel.microbatches=8
+    torchrun --nproc-per-node 4 -m tandem train parallel.strategy=pipeline parallel.data=2   # 2 replicas x 2 stages
+
+TensorParallel shards layers with DTensor (torch.distributed.tensor.parallel.parallelize_module and the plan
+beside each model in models.TENSOR_PLANS); PipelineParallel cuts the model's top-level nn.Sequential into
+stages and runs them with torch.distributed.pipelining (GPipe or 1F1B). Both take a data dimension
+(parallel.data): a DeviceMesh (data, tensor) or (data, pipe), gradients averaged over the data replicas.
+Both engines keep `engine.model`, a plain full single-device copy, current after sync(): what the loop
+evaluates and checkpoints, in the same format as one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tandem.errors import UserError
+from tandem.train.distributed import (
+    Dist,
+    Engine,
+    _inner,
+    _tensor_bytes,
+    optimizer_order,
+)
+
+
+def _zeros(device: torch.device):
+    return torch.zeros((), device=device), torch.zeros((), dtype=torch.long, device=device), 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer state in the one-process format, whatever part of the parameters this process's optimizer holds
+
+
+def _local_names(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> list[list[str]]:
+    """The full-model name of every parameter of each param group (state_dict() indexes them in this order)."""
+    return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+
+
+def _by_name(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[list[list[str]], list[dict], dict]:
+    """(names per group, group hyperparameters, {name: state}) of an optimizer."""
+    sd = optimizer.state_dict()
+    groups = _local_names(optimizer, names)
+    flat = [n for g in groups for n in g]
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return groups, hyper, {flat[i]: dict(st) for i, st in sd["state"].items()}
+
+
+def _full_format(groups: list[list[str]], hyper: list[dict], state: dict[str, dict], order: list[str]) -> dict:
+    """{name: state} -> optimizer.state_dict() with the integer indices of `order` (make_optimizer's order)."""
+    index = {name: i for i, name in enumerate(order)}
+    param_groups = [{**h, "params": sorted(index[n] for n in names)} for h, names in zip(hyper, groups)]
+    return {"state": {index[n]: st for n, st in sorted(state.items(), key=lambda kv: index[kv[0]])},
+            "param_groups": param_groups}
+
+
+def _local_format(optimizer: torch.optim.Optimizer, names: dict[int, str], full: dict, order: list[str],
+                  localize: Callable[[str, torch.Tensor], torch.Tensor]) -> dict:
+    """The one-process optimizer.state_dict() -> a state_dict this process's optimizer loads (its own params)."""
+    index = {name: i for i, name in enumerate(order)}
+    groups = _local_names(optimizer, names)
+    if len(full["param_groups"]) != len(groups):
+        raise UserError(f"the checkpoint's optimizer has {len(full['param_groups'])} parameter groups, this run's "
+                        f"{len(groups)}; resume with the optimizer the run was started with")
+    state, param_groups, i = {}, [], 0
+    for saved, names_g in zip(full["param_groups"], groups):
+        ids = []
+        for name in names_g:
+            st = full["state"].get(index[name])
+            if st is not None:
+                state[i] = {k: localize(name, v) if isinstance(v, torch.Tensor) and v.ndim else v
+                            for k, v in st.items()}
+            ids.append(i)
+            i += 1
+        param_groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": ids})
+    return {"state": state, "param_groups": param_groups}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor parallel
+
+
+_COLLECTIVES = {"all_reduce", "all_reduce_coalesced", "all_gather_into_tensor", "all_gather_into_tensor_coalesced",
+                "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced", "all_to_all_single", "broadcast"}
+
+
+class _CollectiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes handed to torch's functional collectives (what DTensor redistributions run), like
+    torch.distributed.tensor.debug.CommDebugMode counts the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.distributed.tensor import DTensor
+
+        kwargs = kwargs or {}
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **kwargs)
+        if any(t is DTensor for t in types):
+            return NotImplemented  # let DTensor desugar into plain ops and collectives first
+        if func.namespace in ("_c10d_functional", "c10d_functional") and func._opname.rstrip("_") in _COLLECTIVES:
+            flat = [a for arg in args for a in (arg if isinstance(arg, (list, tuple)) else [arg])]
+            self.bytes += _tensor_bytes([a for a in flat if isinstance(a, torch.Tensor)])
+        return func(*args, **kwargs)
+
+
+def _replicated_input(module, inputs, mesh):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return tuple(DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+                 if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) else t for t in inputs)
+
+
+def _local_output(module, output, mesh):
+    from torch.distributed.tensor import DTensor
+
+    return output.full_tensor() if isinstance(output, DTensor) else output
+
+
+class TensorParallel(Engine):
+    """parallel.strategy=tensor: the children named by the model's plan (models.TENSOR_PLANS) are sharded over
+    the processes of a tensor group with torch's ColwiseParallel / RowwiseParallel; every other parameter and
+    buffer is a replicated DTensor (distribute_module). Every tensor rank runs the same batch; with
+    parallel.data=D the processes form a (data, tensor) mesh and gradients are averaged over the data group.
+
+    mlp: Linear 1 column-wise, Linear 2 row-wise, head column-wise with replicated (all-gathered) logits.
+    cnn: only the head Linear is sharded (column-wise, logits all-gathered); convs and batch norms replicated.
+    """
+
+    strategy = "tensor"
+
+    def __init__(self, cfg, dist_: Dist, model: nn.Module, loss_fn, autocast, device: torch.device) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import distribute_module
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        from tandem.train.models import TENSOR_PLANS
+
+        super().__init__(dist_, model, loss_fn, autocast)
+        name, data, world = cfg.model.name, cfg.parallel.data, dist_.world
+        if name not in TENSOR_PLANS:
+            raise UserError(f"model {name} has no tensor-parallel plan; use parallel.strategy=ddp or pipeline, "
+                            "or model.name=mlp/cnn")
+        if world % data:
+            raise UserError(f"parallel.data={data} does not divide the {world} processes; start a multiple of "
+                            f"{data} processes or set parallel.data to a divisor of {world}")
+        self.device, self.tensor_world = device, world // data
+        self.mesh = init_device_mesh(device.type, (data, self.tensor_world), mesh_dim_names=("data", "tensor"))
+        self.data_rank, self.data_world = self.mesh.get_local_rank("data"), data
+        self.tensor_rank = self.mesh.get_local_rank("tensor")
+        self.data_group = self.mesh.get_group("data") if data > 1 else None
+        tp_mesh = self.mesh["tensor"]
+        # self.model stays the plain single-device model; the sharded one is a copy.
+        self.module = copy.deepcopy(model)
+        plan = TENSOR_PLANS[name](self.module)
+        parallelize_module(self.module, tp_mesh, plan)
+        distribute_module(self.module, tp_mesh, input_fn=_replicated_input, output_fn=_local_output)
+        self.plan = {child: type(style).__name__ for child, style in plan.items() if "Parallel" in type(style).__name__}
+        self._names = {id(p): n for n, p in self.module.named_parameters()}
+        self._bytes_per_row: float | None = None
+
+    def named_parameters(self):
+        return list(self.module.named_parameters())
+
+    def forward_backward(self, x, y, weight, last=True):
+        if self._bytes_per_row is None:  # measure the collectives of one chunk, then scale with its rows
+            with _CollectiveBytes() as counter:
+                result = self._forward(self.module, x, y, weight)
+            self._bytes_per_row = counter.bytes / max(1, len(y))
+        else:
+            result = self._forward(self.module, x, y, weight)
+        self.comm_bytes += int(self._bytes_per_row * len(y))
+        if last and self.data_group is not None:
+            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                     for p in self.module.parameters() if p.grad is not None]
+            for g in grads:
+                dist.all_reduce(g, group=self.data_group)
+                g.div_(self.data_world)
+            self.comm_bytes += _tensor_bytes(grads)
+        return result if self.tensor_rank == 0 else _zeros(self.device)
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in self.module.state_dict().items()}
+
+    def sync(self, optimizer) -> None:
+        """Copy the gathered (full) weights and buffers into self.model; buffers from data replica 0."""
+        params = set(self._names.values())
+        with torch.no_grad():
+            plain = self.model.state_dict()
+            for key, value in self._full_state().items():
+                if self.data_group is not None and value.is_floating_point() and key not in params:
+                    _broadcast_into(value, self.data_group, 0)
+                plain[key].copy_(value)
+
+    def full_optimizer_state(self, optimizer) -> dict:
+        """Collective: every process of the job calls it; returns the one-process format on every process."""
+        groups, hyper, state = _by_name(_inner(optimizer), self._names)
+        state = {n: {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in st.items()}
+                 for n, st in state.items()}
+        return _full_format(groups, hyper, state, optimizer_order(self.model))
+
+    def _localize(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        like = dict(self.module.named_parameters()).get(name)
+        if like is None:
+            like = dict(self.module.named_buffers())[name]
+        if isinstance(like, DTensor):  # every process holds the full tensor: each takes its shard, no comm
+            return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                     src_data_rank=None)
+        return full.to(like.device, like.dtype)
+
+    def load_state(self, model_state, optimizer, optimizer_state) -> None:
+        self.model.load_state_dict(model_state)
+        with torch.no_grad():
+            for key, value in self.module.state_dict().items():
+                local = self._localize(key, model_state[key])
+                (value.to_local() if hasattr(value, "to_local") else value).copy_(
+                    local.to_local() if hasattr(local, "to_local") else local)
+        inner = _inner(optimizer)
+        inner.load_state_dict(_local_format(inner, self._names, optimizer_state, optimizer_order(self.model),
+                                            self._localize))
+
+    def describe(self) -> str:
+        plan = ", ".join(f"{child} {style}" for child, style in self.plan.items())
+        data = f" x {self.data_world} data replicas" if self.data_world > 1 else ""
+        return (f"tensor parallel over {self.tensor_world} processes{data} ({self.dist.backend}): {plan}; "
+                "every other layer replicated")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipeline parallel
+
+
+def _trace(model: nn.Sequential, example: torch.Tensor, autocast) -> list[tuple[float, torch.Size, torch.dtype]]:
+    """(estimated cost, output shape per example, output dtype) of each child: FLOPs counted by torch's
+    FlopCounterMode on one example (eval mode: no batch-norm statistics move), plus one per output element for
+    the layers FLOPs miss (batch norm, activations, pooling)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        with torch.no_grad(), autocast():
+            h = example
+            for child in model.children():
+                with FlopCounterMode(display=False) as counter:
+                    h = child(h)
+                rows.append((float(counter.get_total_flops() + h[0].numel()), h.shape[1:], h.dtype))
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def balanced_split(costs: list[float], parts: int) -> list[int]:
+    """Start index of each of `parts` contiguous, non-empty runs of `costs` that minimise the largest run's sum."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[k][i]: the smallest largest-run over costs[:i] cut into k runs; cut[k][i]: where the last run starts.
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    starts, i = [], n
+    for k in range(parts, 0, -1):
+        i = cut[k][i]
+        starts.append(i)
+    return starts[::-1]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: what a stage sends back must have the layout of
+    the previous stage's receive buffer (a conv in channels_last would hand back a channels_last gradient)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _contiguous_input(module, inputs):
+    return tuple(_ContiguousGrad.apply(t) if isinstance(t, torch.Tensor) and t.requires_grad else t for t in inputs)
+
+
+def _contiguous_output(module, inputs, output):
+    return output.contiguous()
+
+
+class PipelineParallel(Engine):
+    """parallel.strategy=pipeline: the model's top-level nn.Sequential cut into `stages` contiguous runs of
+    children balanced by estimated FLOPs, one stage per process of a pipe group, run by torch.distributed.pipelining
+    (PipelineStage + ScheduleGPipe / Schedule1F1B). With parallel.data=D the processes form a (data, pipe) mesh:
+    each data replica is a pipeline, and each stage's gradients are averaged over its replicas by one all-reduce
+    on the data group after the schedule. (Not a DDP-wrapped stage, which pipelining supports and which works on
+    gloo: DDP all-reduces once per schedule step, and a share that does not split evenly takes two schedule
+    steps on some replicas and one on others, which would leave the replicas' collectives out of step.)
+
+    forward_backward takes this replica's whole share of the batch (splits_batch): its rows are reordered so
+    that the schedule's contiguous micro-batch m holds rows m::microbatches, the strided chunks one process
+    with optim.grad_accum = microbatches would take; each micro-batch's mean loss is weighted by its share of the
+    global batch, so the step equals that one-process step. Batch norm sees the same micro-batches in the same
+    order (GPipe and 1F1B run forwards in order). The stages exchange fixed shapes, so a share that does not
+    split evenly (the last batch of an epoch) runs as two schedule steps, the larger micro-batches first, as
+    strided chunks are (k::m is one row longer for the first share % m chunks): the same step again.
+    """
+
+    strategy = "pipeline"
+    splits_batch = True
+
+    def __init__(self, cfg, dist_: Dist, model: nn.Module, loss_fn, autocast, device: torch.device) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        super().__init__(dist_, model, loss_fn, autocast)
+        par, world = cfg.parallel, dist_.world
+        data = par.data
+        stages = par.stages or world // data
+        micro = par.microbatches
+        children = list(model.named_children()) if isinstance(model, nn.Sequential) else []
+        if not children:
+            raise UserError(f"model {cfg.model.name} is not a top-level nn.Sequential; pipeline needs one")
+        if stages < 1 or data * stages != world:
+            raise UserError(f"parallel.data={data} x parallel.stages={stages} = {data * stages} processes, but "
+                            f"{world} were started; start {data * max(stages, 1)} processes or set parallel.stages=0 "
+                            f"(= processes / parallel.data)")
+        if stages > len(children):
+            raise UserError(f"parallel.stages={stages} but model {cfg.model.name} has only {len(children)} layers "
+                            f"to split; use at most {len(children)} stages")
+        if par.schedule == "1f1b" and micro < stages:
+            raise UserError(f"parallel.schedule=1f1b needs parallel.microbatches >= stages ({micro} < {stages}); "
+                            f"set parallel.microbatches={stages} or more, or parallel.schedule=gpipe")
+        if cfg.batch_size % (data * micro):
+            raise UserError(f"batch_size={cfg.batch_size} is not a multiple of parallel.data x parallel.microbatches"
+                            f" = {data} x {micro}; choose a batch size divisible by {data * micro}")
+        self.device, self.stages, self.microbatches, self.schedule_name = device, stages, micro, par.schedule
+        self.mesh = init_device_mesh(device.type, (data, stages), mesh_dim_names=("data", "pipe"))
+        self.data_rank, self.data_world = self.mesh.get_local_rank("data"), data
+        self.stage_index = self.mesh.get_local_rank("pipe")
+        self.pipe_group = self.mesh.get_group("pipe")
+        self.data_group = self.mesh.get_group("data") if data > 1 else None
+
+        # Where to cut: a trace of one example at the configured image size.
+        param = next(model.parameters())
+        example = torch.zeros(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, device=param.device)
+        trace = _trace(model, example, autocast)
+        starts = balanced_split([cost for cost, _, _ in trace], stages) + [len(children)]
+        self.split = [[name for name, _ in children[starts[s]:starts[s + 1]]] for s in range(stages)]
+        self.stage_costs = [sum(cost for cost, _, _ in trace[starts[s]:starts[s + 1]]) for s in range(stages)]
+        first, end = starts[self.stage_index], starts[self.stage_index + 1]
+        # Per-example (shape, dtype) of what enters and leaves this stage.
+        self._in = (example.shape[1:], example.dtype) if first == 0 else trace[first - 1][1:]
+        self._out = trace[end - 1][1:]
+
+        # The stage shares its children with self.model: this process's layers of self.model are always current.
+        self.stage_module = nn.Sequential(OrderedDict((name, model.get_submodule(name)) for name in self.split[
+            self.stage_index]))
+        if self.stage_index > 0:
+            self.stage_module.register_forward_pre_hook(_contiguous_input)
+        if self.stage_index < stages - 1:
+            self.stage_module.register_forward_hook(_contiguous_output)
+        self._names = {id(p): n for n, p in self.stage_module.named_parameters()}
+        self._schedules: dict[tuple[int, int], object] = {}
+        self._stepped: set[tuple[int, int]] = set()
+        self._idle: list[float] = []
+        self._scale = 1.0
+        self._metrics: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.stages - 1
+
+    def named_parameters(self):
+        return list(self.stage_module.named_parameters())
+
+    def _schedule(self, rows: int, count: int):
+        """The schedule for `count` micro-batches of `rows` images (one per shape: the stages exchange fixed
+        shapes). 1F1B needs count >= stages: fewer (an uneven last batch) run as GPipe, the same arithmetic."""
+        key = (rows, count)
+        if key not in self._schedules:
+            from torch.distributed.pipelining import (
+                PipelineStage,
+                Schedule1F1B,
+                ScheduleGPipe,
+            )
+
+            engine = self
+
+            class TimedStage(PipelineStage):
+                """Times this stage's own compute (forward and backward of each micro-batch, not the waits)."""
+
+                def forward_one_chunk(self, *args, **kwargs):
+                    start = time.perf_counter()
+                    try:
+                        return super().forward_one_chunk(*args, **kwargs)
+                    finally:
+                        engine._busy += time.perf_counter() - start
+
+                def backward_one_chunk(self, *args, **kwargs):
+                    start = time.perf_counter()
+                    try:
+                        return super().backward_one_chunk(*args, **kwargs)
+                    finally:
+                        engine._busy += time.perf_counter() - start
+
+            def meta(shape_dtype, grad: bool):
+                shape, dtype = shape_dtype
+                return torch.empty((rows, *shape), dtype=dtype, device="meta", requires_grad=grad)
+
+            stage = TimedStage(self.stage_module, self.stage_index, self.stages, self.device,
+                               input_args=meta(self._in, not self.is_first), output_args=meta(self._out, True),
+                               group=self.pipe_group)
+            kind = Schedule1F1B if self.schedule_name == "1f1b" and count >= self.stages else ScheduleGPipe
+            self._schedules[key] = kind(stage, count, loss_fn=self._loss, scale_grads=False)
+        return self._schedules[key]
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        loss = self.loss_fn(logits.float(), y)
+        self._metrics.append((loss.detach() * len(y), (logits.detach().argmax(1) == y).sum()))
+        self._busy += time.perf_counter() - start
+        return loss * self._scale
+
+    def forward_backward(self, x, y, weight, last=True):
+        """This replica's whole share of the step (call once per step). Collective over the pipeline (and, with
+        last=True, over the data group)."""
+        n, micro = len(y), self.microbatches
+        # Reordered so that contiguous micro-batch k is rows k::micro of the share (strided chunks); the chunks'
+        # sizes fall from ceil(n / micro) to floor(n / micro): one schedule step per size.
+        order = torch.cat([torch.arange(k, n, micro, device=y.device) for k in range(min(n, micro))])
+        sizes = [len(range(k, n, micro)) for k in range(min(n, micro))]
+        runs = [(rows, sizes.count(rows)) for rows in sorted(set(sizes), reverse=True)]
+        self._metrics, self._busy = [], 0.0
+        measured = len(runs) == 1 and runs[0] in self._stepped  # a schedule's first step exchanges metadata
+        start, offset = time.perf_counter(), 0
+        with self.autocast():
+            for rows, count in runs:
+                schedule = self._schedule(rows, count)
+                part = order[offset:offset + rows * count]
+                offset += rows * count
+                # Each micro-batch's mean loss times its share of the global batch (times data_world: the
+                # all-reduce below averages over the replicas).
+                self._scale = weight * self.data_world * rows / n
+                if self.is_first and self.is_last:
+                    schedule.step(x[part], target=y[part])
+                elif self.is_first:
+                    schedule.step(x[part])
+                elif self.is_last:
+                    schedule.step(target=y[part])
+                else:
+                    schedule.step()
+                self._stepped.add((rows, count))
+        if measured:
+            self._idle.append(max(0.0, 1.0 - self._busy / (time.perf_counter() - start)))
+        self.comm_bytes += self._p2p_bytes(n)
+        if last and self.data_group is not None:
+            self._average_gradients()
+        if not self.is_last:
+            return _zeros(self.device)
+        loss = torch.stack([m[0] for m in self._metrics]).sum()
+        correct = torch.stack([m[1] for m in self._metrics]).sum()
+        return loss, correct, n
+
+    def _average_gradients(self) -> None:
+        """Mean of this stage's gradients over its data replicas: one all-reduce of them all, flattened."""
+        grads = [p.grad for p in self.stage_module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.data_group)
+        flat.div_(self.data_world)
+        self.comm_bytes += _tensor_bytes([flat])
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view(g.shape))
+            offset += g.numel()
+
+    def _p2p_bytes(self, rows: int) -> int:
+        """Activations sent forward and their gradients sent back by this stage in one step."""
+        total = 0
+        for (shape, dtype), sends in ((self._out, not self.is_last), (self._in, not self.is_first)):
+            if sends:
+                total += rows * shape.numel() * torch.empty((), dtype=dtype).element_size()
+        return total
+
+    @property
+    def bubble_formula(self) -> float:
+        """GPipe's idle fraction (p-1)/(m+p-1) for p stages and m micro-batches (1F1B has the same bubble)."""
+        return (self.stages - 1) / (self.microbatches + self.stages - 1)
+
+    def report(self) -> dict:
+        """Collective (the loop calls it on every process): bytes sent by all processes, and the bubble
+        measured (mean over the stages) beside the formula's."""
+        return {**super().report(), "bubble_measured": round(self.bubble_measured(all_stages=True), 4),
+                "bubble_formula": round(self.bubble_formula, 4)}
+
+    def bubble_measured(self, all_stages: bool = False) -> float:
+        """This stage's idle fraction of the steps so far: 1 - (its forward/backward/loss compute) / (the step's
+        wall time), averaged over steps (a schedule's first step, which also exchanges metadata, left out).
+        all_stages=True: the mean over the stages (a collective over the pipe group: every stage must call it)."""
+        mean = sum(self._idle) / len(self._idle) if self._idle else 0.0
+        if all_stages:
+            value = torch.tensor([mean], dtype=torch.float64)
+            dist.all_reduce(value, group=self.pipe_group)
+            mean = value.item() / self.stages
+        return mean
+
+    def sync(self, optimizer) -> None:
+        """Every process's self.model gets every stage's weights and buffers (data replica 0's buffers)."""
+        with torch.no_grad():
+            if self.data_group is not None:
+                for tensor in self.stage_module.buffers():
+                    _broadcast_into(tensor, self.data_group, 0)
+            for s in range(self.stages):
+                for name in self.split[s]:
+                    for tensor in self.model.get_submodule(name).state_dict().values():
+                        _broadcast_into(tensor, self.pipe_group, s)
+
+    def full_optimizer_state(self, optimizer) -> dict:
+        """Collective over the pipe group: every stage's state, in the one-process format, on every process."""
+        groups, hyper, state = _by_name(_inner(optimizer), self._names)
+        mine = {n: {k: (("tensor", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("value", v))
+                    for k, v in st.items()} for n, st in state.items()}
+        gathered: list = [None] * self.stages
+        dist.all_gather_object(gathered, (groups, hyper, mine), group=self.pipe_group)
+        all_groups = [[name for g in gathered for name in g[0][i]] for i in range(len(groups))]
+        full_state: dict[str, dict] = {}
+        for s, (_, _, metas) in enumerate(gathered):
+            for name, keys in metas.items():
+                full_state[name] = {}
+                for key, (kind, *rest) in keys.items():
+                    if kind == "value":
+                        full_state[name][key] = rest[0]
+                        continue
+                    shape, dtype = rest
+                    tensor = (state[name][key].detach().clone() if s == self.stage_index
+                              else torch.empty(shape, dtype=dtype, device=self.device))
+                    _broadcast_into(tensor, self.pipe_group, s)
+                    full_state[name][key] = tensor
+        return _full_format(all_groups, hyper, full_state, optimizer_order(self.model))
+
+    def load_state(self, model_state, optimizer, optimizer_state) -> None:
+        self.model.load_state_dict(model_state)  # the stage's layers are self.model's
+        params = dict(self.stage_module.named_parameters())
+        inner = _inner(optimizer)
+        inner.load_state_dict(_local_format(inner, self._names, optimizer_state, optimizer_order(self.model),
+                                            lambda name, v: v.to(params[name].device)))
+
+    def describe(self) -> str:
+        total = sum(self.stage_costs) or 1.0
+        split = "; ".join(f"stage {s}: layers {names[0]}-{names[-1]} ({self.stage_costs[s] / total:.0%} of the FLOPs)"
+                          for s, names in enumerate(self.split))
+        data = f" x {self.data_world} data replicas" if self.data_world > 1 else ""
+        return (f"pipeline of {self.stages} stages{data} ({self.dist.backend}), {self.schedule_name} schedule, "
+                f"{self.microbatches} micro-batches per step (bubble (p-1)/(m+p-1) = {self.bubble_formula:.0%}); "
+                f"{split}")
+
+
+def _broadcast_into(tensor: torch.Tensor, group, group_src: int) -> None:
+    """Broadcast in place (through a contiguous copy when the tensor is not, e.g. channels_last weights)."""
+    buffer = tensor if tensor.is_contiguous() else tensor.contiguous()
+    dist.broadcast(buffer, group=group, group_src=group_src)
+    if buffer is not tensor:
+        tensor.copy_(buffer)
