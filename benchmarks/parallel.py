@@ -22,9 +22,10 @@ accuracy: this script evaluates every epoch's checkpoint (model.safetensors, fp3
 split from tandem.train.loop.load_splits, preprocessed by tandem.runtime.preprocess) and reports the
 loop clock (metrics.jsonl train_seconds) at the first epoch whose checkpoint reaches 0.98. Test accuracy
 is results.json's (the best-on-validation checkpoint, as `tandem export` ships it) and its difference to
-one process in percentage points. Bytes per step is results.json's parallel.comm_bytes / steps: what
-rank 0 handed to collectives (gradients, parameters, activations; local-sgd includes the end-of-epoch
-state averaging; a pipeline's stage 0 sends activations, stage 1 sends their gradients back). Bubble
+one process in percentage points. Bytes per step per process is results.json's parallel.comm_bytes (what
+all processes together handed to collectives: gradients, parameters, activations; local-sgd includes the
+end-of-epoch state averaging; a pipeline's stage 0 sends activations, stage 1 their gradients back)
+/ steps / processes. Bubble
 is results.json's parallel.bubble_measured (1 - the stages' compute / the step's wall time, mean over
 stages) beside bubble_formula ((p-1)/(m+p-1)). Two more short pipeline runs (batch 512, 4 and 8
 micro-batches, max_steps=40 with epochs=3, as an epoch is only 16 steps of 512) show how the measured
@@ -184,7 +185,7 @@ def main() -> None:
     for name, run in runs.items():
         res, par = run["results"], run["results"]["parallel"]
         speed, acc = res["images_per_second"], res["test_accuracy"]
-        comm = par["comm_bytes"] / res["steps"] if "comm_bytes" in par else "-"
+        comm = par["comm_bytes"] / res["steps"] / par["processes"] if "comm_bytes" in par else "-"
         bubble = "-"
         if "bubble_measured" in par:
             measured, formula = par["bubble_measured"], par["bubble_formula"]
@@ -233,7 +234,7 @@ def main() -> None:
             if run["results"]["parallel"].get("strategy") == "pipeline" and "stage 0" in run["layout"]:
                 print(f"\n{name}: {run['layout'][run['layout'].index('stage 0'):]}")
         print(f"\nimages/s: the loop's clock (training steps only); time to {TARGET_ACCURACY:.0%}: the loop's clock at the "
-              "first epoch whose checkpoint reaches it on the test split (fp32); comm bytes: rank 0's, per step")
+              "first epoch whose checkpoint reaches it on the test split (fp32); comm bytes: all processes' / steps / processes")
     if not passed:
         raise SystemExit(1)  # a missed target fails the run (and `make bench`)
 

@@ -192,3 +192,16 @@ def test_training_streamed_equals_training_in_memory(folder, tmp_path):
 
     bundle = export_bundle(streamed.run_dir, tmp_path / "bundle", log=lambda *a, **k: None)
     assert read_manifest(bundle)["metrics"]["test_images"] == in_memory.metrics["test_images"]
+
+
+def test_resume_names_a_changed_stream_mode(folder, tmp_path):
+    """The two modes fingerprint the same images differently: a resume across them says what to set."""
+    from conftest import run_tandem
+
+    out = tmp_path / "run"
+    settings = [f"data.source={folder}", f"data.image_size={SIZE}", "data.channels=3", "data.skip_bad_files=true",
+                "data.workers=0", "model.width=4", "max_steps=2", "precision=fp32", f"out_dir={out}"]
+    run_tandem("train", *settings, "data.stream=on", check=True)
+    refused = run_tandem("train", "--resume", str(out), "data.stream=off")
+    assert refused.returncode == 2
+    assert "the run streamed its folder" in refused.stderr and "data.stream=on" in refused.stderr

@@ -88,7 +88,7 @@ def cmd_train(args) -> int:
     from tandem.train.loop import train
 
     result = train(cfg, resume=bool(resume), log=_log_for(args))
-    if args.json:
+    if args.json and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
         _print_json({**result.metrics, "run_dir": str(result.run_dir)})
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tandem.errors import UserError
 
@@ -39,6 +39,12 @@ class DataConfig(_Section):
                             "split in memory (auto: when its pixels would take more than a quarter of the RAM)")
     workers: int = Field(2, ge=0, le=256, description="streamed folders: DataLoader worker processes (0 = decode in "
                                                       "the training process)")
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare on / off as true / false: `data.stream=on` means "on".
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check_normalisation(self) -> "DataConfig":

@@ -240,8 +240,9 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
     # 4. Resume: every tensor, RNG and counter as it was at the newest good checkpoint. Or, at step 0 of a
     # fine-tuning run, the bundle's weights.
     layout = {"strategy": engine.strategy, "processes": dist_.world}
-    state = _restore(run_dir, engine, optimizer, augment_rng, device, fingerprint, layout, dist_, log) if resume \
-        else LoopState()
+    streamed = bool(splits.train.decode.get("streamed"))
+    state = _restore(run_dir, engine, optimizer, augment_rng, device, fingerprint, streamed, layout, dist_, log) \
+        if resume else LoopState()
     if cfg.init_from and state.step == 0:
         state.init_from = load_bundle_weights(engine.model, cfg.init_from, classes)
         engine.load_state(engine.model.state_dict(), optimizer, engine.full_optimizer_state(optimizer))
@@ -355,14 +356,20 @@ def _start_log(run_dir: Path, cfg: TrainConfig, step: int) -> Path:
     return metrics_path
 
 
-def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprint: str, layout: dict, dist_: Dist,
-             log) -> LoopState:
+def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprint: str, streamed: bool, layout: dict,
+             dist_: Dist, log) -> LoopState:
     """Rank 0 finds the newest good checkpoint and reads it; every process takes its part of the state."""
 
     def newest() -> ckpt.Checkpoint | None:
         found = ckpt.latest_checkpoint(run_dir)
         if found is None:
             return None
+        was_streamed = bool(found.state.get("data_decode", {}).get("streamed"))
+        if was_streamed != streamed:  # the two modes fingerprint the same images differently
+            before = "streamed its folder" if was_streamed else "held its images in memory"
+            now = "stream it" if streamed else "hold them in memory"
+            raise UserError(f"--resume {run_dir}: the run {before}, this one would {now} (data.stream=auto decides by "
+                            f"the memory available); resume with data.stream={'on' if was_streamed else 'off'}")
         if found.state.get("data_fingerprint") not in (None, fingerprint):
             raise UserError(f"--resume {run_dir}: the training images differ from the ones this run was trained on "
                             "(files added, removed or changed); resuming would mix two data sets: start a new run")
