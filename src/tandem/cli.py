@@ -293,13 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. With no arguments: the default cnn on the embedded animals.",
                        epilog="examples:  tandem train  |  tandem train run.yaml optim.lr=0.01  |  "
                               "tandem train data.source=photos/ data.channels=3 model.name=resnet  |  "
-                              "tandem train --resume runs/latest.  `tandem config` lists every key. Each run "
+                              "tandem train --resume runs/latest  |  torchrun --nproc-per-node 2 -m tandem train "
+                              "parallel.strategy=ddp (or local-sgd, tensor, pipeline).  `tandem config` lists every "
+                              "key. Each run "
                               "gets its own folder runs/<date>-<time> (runs/latest links to the newest) unless "
                               "out_dir=... names one.")
     p.add_argument("settings", nargs="*", metavar="[CONFIG.yaml] key=value",
                    help="an optional YAML config file, then dotted overrides such as optim.lr=0.01")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest good checkpoint; "
-                   "overrides may change only progress, checkpoint_every, keep_checkpoints and device")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest good checkpoint "
+                   "(under torchrun: the same process count and strategy); overrides may change only progress, "
+                   "checkpoint_every, keep_checkpoints, device, data.workers, data.stream and parallel.timeout")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout (logs go to stderr)")
     p.set_defaults(func=cmd_train)
 

@@ -36,7 +36,8 @@ class DataConfig(_Section):
     std: Union[float, list[float]] = Field(0.5, description="one value > 0, or one per channel")
     stream: Literal["auto", "on", "off"] = Field(
         "auto", description="image folders: decode batches from disk in worker processes instead of holding the "
-                            "split in memory (auto: when its pixels would take more than a quarter of the RAM)")
+                            "split in memory (auto: when its pixels, uint8 and their float32 copy, would take more "
+                            "than a quarter of the available memory)")
     workers: int = Field(2, ge=0, le=256, description="streamed folders: DataLoader worker processes (0 = decode in "
                                                       "the training process)")
 

@@ -79,7 +79,7 @@ class Dist:
         dist.all_gather(out, tensor)
         return out
 
-    def broadcast_tensors(self, tensors: dict[str, torch.Tensor] | None, like: dict | None = None) -> dict:
+    def broadcast_tensors(self, tensors: dict[str, torch.Tensor] | None) -> dict:
         """Rank 0's tensors (name -> tensor) on every process."""
         if self.world == 1:
             return tensors

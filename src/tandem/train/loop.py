@@ -385,8 +385,8 @@ def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprin
     if not there:
         log(f"no checkpoint in {run_dir} yet: starting from step 0")
         return LoopState()
-    model_state = dist_.broadcast_tensors(found.model if dist_.is_main else None, engine.model.state_dict())
-    trainer = dist_.broadcast_tensors(found.trainer if dist_.is_main else None, None)
+    model_state = dist_.broadcast_tensors(found.model if dist_.is_main else None)
+    trainer = dist_.broadcast_tensors(found.trainer if dist_.is_main else None)
     meta = dist_.from_main(lambda: {k: found.state[k] for k in ("step", "loop", "optimizer")} | {"path": str(found.path)})
     engine.load_state(model_state, optimizer, ckpt.unflatten_optimizer(trainer, meta["optimizer"]))
     own = "" if dist_.is_main else f".{dist_.rank}"  # rank r > 0 saved its streams as rng.torch.<r>
@@ -466,7 +466,7 @@ def _verdict(cfg, run_dir: Path, engine: Engine, splits: Splits, state: LoopStat
     best, last = Path(paths[0]), Path(paths[1])
     if best != last:
         weights = ckpt.read_checkpoint(best).model if dist_.is_main else None
-        model.load_state_dict(dist_.broadcast_tensors(weights, model.state_dict()))
+        model.load_state_dict(dist_.broadcast_tensors(weights))
     test_data = make_batches(splits.test, cfg, device)
     classes = splits.train.classes
     test_loss, test_acc, confusion = evaluate(model, test_data, index_batches(len(test_data), 512, dist_.rank, dist_.world),
