@@ -167,18 +167,19 @@ def _curve(run: Path) -> list[dict]:
              if k not in ("images_per_second", "train_seconds", "bubble_measured")} for line in lines]
 
 
-@pytest.mark.parametrize("strategy", ["tensor", "pipeline"])
-def test_model_parallel_runs_equal_one_process_and_export(small_npz, tmp_path, strategy):
-    """tandem train under tensor / pipeline parallelism (the default cnn) == one process (pipeline: with the
-    same micro-batches as optim.grad_accum), and its run exports to the usual bundle."""
+@pytest.mark.parametrize("strategy,model", [("tensor", "cnn"), ("pipeline", "cnn"), ("pipeline", "mlp")])
+def test_model_parallel_runs_equal_one_process_and_export(small_npz, tmp_path, strategy, model):
+    """tandem train under tensor / pipeline parallelism == one process (pipeline: with the same micro-batches as
+    optim.grad_accum), and its run exports to the usual bundle. (The mlp's second stage starts with an in-place
+    ReLU on what it receives.)"""
     extra = STRATEGIES[strategy]
     one = tmp_path / "one"
     accum = ["optim.grad_accum=2"] if strategy == "pipeline" else []
     steps = ["max_steps=4"]  # tensor and pipeline lay some tensors out differently (contiguous, not channels_last):
     # the kernels round differently, and over many steps batch norm amplifies that past 1e-5
-    run_tandem("train", *_settings(small_npz, one, *accum, *steps), check=True, env=ONE_THREAD)
+    run_tandem("train", *_settings(small_npz, one, *accum, *steps, model=model), check=True, env=ONE_THREAD)
     run = tmp_path / "run"
-    _ok(torchrun(2, "train", *_settings(small_npz, run, *extra, *steps)))
+    _ok(torchrun(2, "train", *_settings(small_npz, run, *extra, *steps, model=model)))
     _assert_close(_weights(one), _weights(run))
     results = json.loads((run / "results.json").read_text())
     assert results["parallel"]["strategy"] == strategy
@@ -190,12 +191,25 @@ def test_model_parallel_runs_equal_one_process_and_export(small_npz, tmp_path, s
     assert (bundle / "manifest.json").is_file()
 
 
+def test_a_restarted_job_never_continues_another_run(small_npz, tmp_path):
+    """--max-restarts: the first attempt is refused a folder holding an earlier run; the restart must be refused
+    too, not continue that run with its old config."""
+    out = tmp_path / "earlier"
+    run_tandem("train", *_settings(small_npz, out, "max_steps=2", model="mlp"), check=True)
+    before = sorted(p.name for p in list_checkpoints(out))
+    proc = torchrun(2, "train", *_settings(small_npz, out, "parallel.strategy=pipeline"), restarts=1)
+    assert proc.returncode != 0
+    assert "holds another run" in proc.stderr and "resumed from" not in proc.stdout
+    assert sorted(p.name for p in list_checkpoints(out)) == before
+
+
 def test_resume_needs_the_same_process_count(small_npz, tmp_path):
     out = tmp_path / "run"
     _ok(torchrun(2, "train", *_settings(small_npz, out, "max_steps=3", model="mlp")))
     proc = run_tandem("train", "--resume", str(out))
     assert proc.returncode == 2
-    assert "was trained as ddp on 2 process(es)" in proc.stderr and "Traceback" not in proc.stderr
+    assert "trained with parallel.strategy=ddp on 2 processes" in proc.stderr and "Traceback" not in proc.stderr
+    assert "this one runs in one process (without torchrun)" in proc.stderr
 
 
 def test_an_error_on_one_rank_names_it_and_ends_the_job(small_npz, tmp_path):

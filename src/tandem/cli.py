@@ -75,14 +75,14 @@ def cmd_train(args) -> int:
         if _restarted():
             # torchrun --max-restarts started this process again after a rank failed: continue the run
             # in out_dir from its newest checkpoint instead of refusing the folder the first attempt made.
-            from pathlib import Path
-
             from tandem.train.runs import resume_config
 
             if not cfg.out_dir:
                 raise UserError("torchrun restarted the job, but out_dir is not set, so there is no run to continue; "
                                 "give out_dir=... to jobs started with --max-restarts")
-            if (Path(cfg.out_dir) / "config.yaml").is_file():
+            from tandem.train.runs import started_by_this_job
+
+            if started_by_this_job(cfg.out_dir):  # not a folder some other run had filled before this job
                 resume = cfg.out_dir
                 cfg = resume_config(cfg.out_dir, [])  # the same command: the run's own config
     from tandem.train.loop import train
@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as err:
-        print(f"error: {_rank_prefix()}{err}", file=sys.stderr)
+        sys.stderr.write(f"error: {_rank_prefix()}{err}\n")  # one write: the ranks of a job share the stream
+        sys.stderr.flush()
         return 2
     except ModuleNotFoundError as err:
         if err.name in ("torch", "onnx", "onnxscript", "safetensors", "matplotlib"):

@@ -94,7 +94,8 @@ class ParallelConfig(_Section):
                                                     "(a 2-D mesh: processes = data x stages)")
     stages: int = Field(0, ge=0, le=1024, description="pipeline: stages (0 = processes / data)")
     microbatches: int = Field(4, ge=1, le=4096, description="pipeline: micro-batches per step")
-    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="pipeline schedule")
+    schedule: Literal["gpipe", "1f1b"] = Field("1f1b", description="pipeline schedule: gpipe (all forwards, then "
+                                                                     "all backwards) or 1f1b (one forward, one backward)")
     timeout: int = Field(300, ge=5, le=86400, description="seconds a rank waits for the others (start-up, collectives) "
                                                           "before the job fails")
 

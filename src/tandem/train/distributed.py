@@ -104,6 +104,16 @@ class Dist:
             dist.destroy_process_group()
 
 
+_PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def peer_lost(err: BaseException) -> str | None:
+    """The first line of a collective's error when it says another process of the job has gone, else None."""
+    text = str(err)
+    return text.strip().splitlines()[0][:300] if isinstance(err, RuntimeError) and any(
+        marker in text for marker in _PEER_GONE) else None
+
+
 def launched() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
     try:

@@ -31,11 +31,11 @@ from tandem.runtime.preprocess import preprocess
 from tandem.train import checkpoint as ckpt
 from tandem.train.augment import apply, draw
 from tandem.train.device import autocast_dtype, pick_precision
-from tandem.train.distributed import Dist, Engine, init_distributed, make_engine
+from tandem.train.distributed import Dist, Engine, init_distributed, make_engine, peer_lost
 from tandem.train.finetune import inherit_from_bundle, load_bundle_weights
 from tandem.train.loader import make_batches
 from tandem.train.models import count_parameters, create_model
-from tandem.train.runs import link_latest, new_run_dir, remove_if_empty
+from tandem.train.runs import link_latest, mark_job, new_run_dir, remove_if_empty
 
 
 @dataclass
@@ -181,7 +181,14 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> TrainResult:
         if not resume:  # a folder of its own (see train/runs.py), chosen by rank 0
             cfg, made = dist_.from_main(lambda: new_run_dir(inherit_from_bundle(cfg) if cfg.init_from else cfg))
             made = made and dist_.is_main
-        result = _train(cfg, resume, log if dist_.is_main else (lambda *a, **k: None), dist_, device)
+        try:
+            result = _train(cfg, resume, log if dist_.is_main else (lambda *a, **k: None), dist_, device)
+        except RuntimeError as err:  # a collective failed because another process is gone: say so, in one line
+            lost = peer_lost(err) if dist_.world > 1 else None
+            if lost is None:
+                raise
+            raise UserError(f"another process of this job stopped ({lost}); its own error is above, and torchrun "
+                            "ends the job (with --max-restarts it starts again from the newest checkpoint)") from None
         dist_.barrier()  # every process leaves together, once rank 0 has written the results
         return result
     except BaseException:
@@ -349,6 +356,7 @@ def _start_log(run_dir: Path, cfg: TrainConfig, step: int) -> Path:
     """config.yaml as this run resolved it; metrics.jsonl cut back to what the resumed state has seen;
     runs/latest moved here once the run has really started."""
     ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    mark_job(run_dir)
     link_latest(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() and step else []
@@ -375,9 +383,14 @@ def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprin
                             "(files added, removed or changed); resuming would mix two data sets: start a new run")
         saved = found.state.get("parallel", {"strategy": "single", "processes": 1})
         if saved["processes"] != layout["processes"] or (layout["processes"] > 1 and saved != layout):
-            raise UserError(f"--resume {run_dir}: the run was trained as {saved['strategy']} on {saved['processes']} "
-                            f"process(es), this is {layout['strategy']} on {layout['processes']}; resume it the way it "
-                            f"ran (torchrun --nproc-per-node ... with the same parallel.strategy)")
+            def how(lay: dict) -> str:
+                return ("in one process (without torchrun)" if lay["processes"] == 1 else
+                        f"with parallel.strategy={lay['strategy']} on {lay['processes']} processes")
+            raise UserError(f"--resume {run_dir}: the run was trained {how(saved)}, this one runs {how(layout)}; "
+                            f"resume it the way it ran: "
+                            + ("tandem train --resume without torchrun" if saved["processes"] == 1 else
+                               f"torchrun with {saved['processes']} processes in all and "
+                               f"parallel.strategy={saved['strategy']}"))
         return found
 
     found = dist_.from_main(newest, share=False)

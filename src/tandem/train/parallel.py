@@ -289,12 +289,13 @@ def balanced_split(costs: list[float], parts: int) -> list[int]:
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the gradient contiguous: what a stage sends back must have the layout of
-    the previous stage's receive buffer (a conv in channels_last would hand back a channels_last gradient)."""
+    """A copy whose backward makes the gradient contiguous: what a stage sends back must have the layout of
+    the previous stage's receive buffer (a conv in channels_last would hand back a channels_last gradient).
+    A copy, not a view: a stage may start with an in-place layer (the mlp's second stage starts at a ReLU)."""
 
     @staticmethod
     def forward(ctx, x):
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad):

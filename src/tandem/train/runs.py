@@ -104,6 +104,25 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"data": data, "init_from": init})
 
 
+JOB_FILE = ".torchelastic-job"  # in a run folder: the torchrun job that started the run (hidden: not a run file)
+
+
+def mark_job(run_dir: Path) -> None:
+    """Under torchrun, note which job started this run, so that a restart of that job (--max-restarts) continues
+    it, and a restart never continues some other run the folder held."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    if job:
+        (Path(run_dir) / JOB_FILE).write_text(job)
+
+
+def started_by_this_job(run_dir: str | Path) -> bool:
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    try:
+        return bool(job) and (Path(run_dir) / JOB_FILE).read_text() == job and (Path(run_dir) / "config.yaml").is_file()
+    except OSError:
+        return False
+
+
 def remove_if_empty(run_dir: Path) -> None:
     """A run that failed before writing anything leaves no empty folder behind."""
     try:
