@@ -194,6 +194,7 @@ def test_training_streamed_equals_training_in_memory(folder, tmp_path):
     assert read_manifest(bundle)["metrics"]["test_images"] == in_memory.metrics["test_images"]
 
 
+@pytest.mark.slow
 def test_resume_names_a_changed_stream_mode(folder, tmp_path):
     """The two modes fingerprint the same images differently: a resume across them says what to set."""
     from conftest import run_tandem
