@@ -75,13 +75,11 @@ def cmd_train(args) -> int:
         if _restarted():
             # torchrun --max-restarts started this process again after a rank failed: continue the run
             # in out_dir from its newest checkpoint instead of refusing the folder the first attempt made.
-            from tandem.train.runs import resume_config
+            from tandem.train.runs import resume_config, started_by_this_job
 
             if not cfg.out_dir:
                 raise UserError("torchrun restarted the job, but out_dir is not set, so there is no run to continue; "
                                 "give out_dir=... to jobs started with --max-restarts")
-            from tandem.train.runs import started_by_this_job
-
             if started_by_this_job(cfg.out_dir):  # not a folder some other run had filled before this job
                 resume = cfg.out_dir
                 cfg = resume_config(cfg.out_dir, [])  # the same command: the run's own config
