@@ -93,7 +93,8 @@ def main() -> None:
     from tandem.config import TrainConfig
     from tandem.train.device import autocast_dtype, pick_device, pick_precision
     from tandem.runtime.preprocess import preprocess
-    from tandem.train.loop import load_splits, to_tensors
+    from tandem.train.loader import InMemoryBatches
+    from tandem.train.loop import load_splits
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +104,8 @@ def main() -> None:
     # tandem turns this on during CPU runs; the plain loop runs under the same setting.
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
 
-    x, y = to_tensors(load_splits(cfg).train, cfg, device)  # the loop's own data and preprocessing
+    train = InMemoryBatches(load_splits(cfg).train, cfg.data.mean, cfg.data.std, device)
+    x, y = train.x, train.y  # the loop's own data and preprocessing
     black = np.zeros((1, 1, 1, cfg.data.channels), np.uint8)  # as tandem pads: a black pixel after preprocessing
     background = torch.from_numpy(preprocess(black, cfg.data.mean, cfg.data.std)[0, :, 0, 0])
 

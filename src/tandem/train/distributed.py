@@ -158,11 +158,18 @@ def _attempt_store(rank: int, world: int, timeout: int) -> dist.Store:
     return dist.PrefixStore(f"tandem/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def decay_split(named) -> tuple[list, list]:
+    """(name, parameter) pairs -> (weights that get weight decay, biases and norms that do not): make_optimizer's
+    two param groups, in this order."""
+    named = list(named)
+    return [(n, p) for n, p in named if p.ndim > 1], [(n, p) for n, p in named if p.ndim <= 1]
+
+
 def optimizer_order(model: nn.Module) -> list[str]:
-    """Parameter names in the order make_optimizer lists them (decayed weights first, then biases and norms):
-    the indices a one-process checkpoint uses for optimizer state, which every strategy writes too."""
-    named = list(model.named_parameters())
-    return [n for n, p in named if p.ndim > 1] + [n for n, p in named if p.ndim <= 1]
+    """Parameter names in the order make_optimizer lists them: the indices a one-process checkpoint uses for
+    optimizer state, which every strategy writes too."""
+    decay, no_decay = decay_split(model.named_parameters())
+    return [n for n, _ in decay + no_decay]
 
 
 class Engine:

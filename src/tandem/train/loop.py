@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from tandem.config import TrainConfig, dump_config
-from tandem.data import Dataset, Splits, stream
+from tandem.data import Splits, stream
 from tandem.data.stream import FileSplits
 from tandem.errors import UserError
 from tandem.runtime.preprocess import preprocess
 from tandem.train import checkpoint as ckpt
 from tandem.train.augment import apply, draw
 from tandem.train.device import autocast_dtype, pick_precision
-from tandem.train.distributed import Dist, Engine, init_distributed, make_engine, peer_lost
+from tandem.train.distributed import Dist, Engine, decay_split, init_distributed, make_engine, peer_lost
 from tandem.train.finetune import inherit_from_bundle, load_bundle_weights
 from tandem.train.loader import make_batches
 from tandem.train.models import count_parameters, create_model
@@ -91,12 +91,10 @@ def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, named_parameters) -> torch.optim.Optimizer:
-    """Over (name, parameter) pairs, in the order of distributed.optimizer_order (checkpoints rely on it)."""
-    # No weight decay on biases and batch-norm parameters.
-    params = [p for _, p in named_parameters]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Over (name, parameter) pairs, grouped by distributed.decay_split (checkpoints rely on its order)."""
+    decay, no_decay = decay_split(named_parameters)  # no weight decay on biases and batch-norm parameters
+    groups = [{"params": [p for _, p in decay], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.optim.lr)
@@ -107,12 +105,6 @@ def load_splits(cfg: TrainConfig) -> Splits | FileSplits:
     In memory (Splits), or, for folders too large for memory (data.stream), files decoded batch by batch
     in DataLoader workers (FileSplits): the same images either way."""
     return stream.load_splits(cfg.data, cfg.seed)
-
-
-def to_tensors(data: Dataset, cfg: TrainConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same NumPy preprocessing the runtime uses, once for the whole split."""
-    x = torch.from_numpy(preprocess(data.pixels, cfg.data.mean, cfg.data.std))
-    return x.to(device), torch.from_numpy(data.labels).to(device)
 
 
 def index_batches(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
