@@ -112,6 +112,11 @@ class TrainConfig(_Section):
     max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0 = no limit)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: Literal["auto", "off", "graphs", "inductor"] = Field(
+        "auto", description="how each step runs: graphs = the whole step (batch, augmentation, forward, backward, "
+                            "optimizer) captured once in a CUDA graph and replayed; inductor = torch.compile on the "
+                            "model; off = eager; auto = graphs on a CUDA GPU in one process with the data in memory, "
+                            "else off")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     out_dir: str = Field("", description="run folder; empty: a new runs/<date>-<time>, with runs/latest linked to it")
     overwrite: bool = Field(False, description="clear out_dir first if it holds another run (else the run is refused)")

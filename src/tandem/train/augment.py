@@ -20,12 +20,13 @@ def draw(n: int, shift: int, hflip: bool, generator: torch.Generator) -> torch.T
                         dy if dy is not None else zeros, dx if dx is not None else zeros], dim=1)
 
 
-def apply(x: torch.Tensor, params: torch.Tensor, shift: int, fill: torch.Tensor) -> torch.Tensor:
+def apply(x: torch.Tensor, params: torch.Tensor, shift: int, fill: torch.Tensor, hflip: bool = True) -> torch.Tensor:
     """x: (N, C, H, W) with params (N, 3) from draw(); the uncovered border takes `fill` (C,), the background
-    value of each channel after preprocessing."""
+    value of each channel after preprocessing. No host sync (nothing here reads a value back), so the whole
+    augmentation can live inside a captured CUDA graph."""
     n, _, h, w = x.shape
     params = params.to(x.device)
-    if params[:, 0].any():
+    if hflip:
         x = torch.where(params[:, 0].bool()[:, None, None, None], x.flip(3), x)
     if shift:
         dy, dx = params[:, 1], params[:, 2]
@@ -40,4 +41,4 @@ def apply(x: torch.Tensor, params: torch.Tensor, shift: int, fill: torch.Tensor)
 
 def augment(x: torch.Tensor, shift: int, hflip: bool, generator: torch.Generator, fill: torch.Tensor) -> torch.Tensor:
     """Each image of x gets its own flip and its own shift of up to `shift` pixels."""
-    return apply(x, draw(len(x), shift, hflip, generator), shift, fill)
+    return apply(x, draw(len(x), shift, hflip, generator), shift, fill, hflip)

@@ -178,6 +178,7 @@ class Engine:
         engine.named_parameters()           what this process's optimizer updates (full-model names)
         engine.wrap_optimizer(opt)          the optimizer the loop steps (local-sgd wraps it)
         engine.forward_backward(x, y, w)    one chunk of this process's share -> (loss sum, correct, count)
+        engine.compile()                    compile=inductor: torch.compile what forward_backward runs
         engine.sync(opt)                    before evaluation and checkpoints: every process holds the full state
         engine.model                        the whole single-device module, current after sync()
         engine.full_optimizer_state(opt)    optimizer.state_dict() as one process would write it
@@ -196,6 +197,7 @@ class Engine:
 
     def __init__(self, dist_: Dist, model: nn.Module, loss_fn: Callable, autocast: Callable) -> None:
         self.dist, self.model, self.loss_fn, self.autocast = dist_, model, loss_fn, autocast
+        self.forward_module: Callable = model  # what forward_backward runs: the model, or DDP around it
         self.comm_bytes = 0
 
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -215,7 +217,12 @@ class Engine:
         """Forward and backward of one chunk; `weight` = the chunk's share of the global batch, so the summed
         (all-reduced) gradient is the mean over the global batch. Returns (sum of losses, correct) as 0-d tensors
         on the device (read once per logging interval, not per step) and the number of examples."""
-        return self._forward(self.model, x, y, weight)
+        return self._forward(self.forward_module, x, y, weight)
+
+    def compile(self) -> None:
+        """compile=inductor: torch.compile what forward_backward runs (evaluation stays eager: no recompiles for
+        its batch sizes and eval mode)."""
+        self.forward_module = torch.compile(self.forward_module)
 
     def after_step(self) -> None:
         """After optimizer.step()."""
@@ -263,17 +270,23 @@ class DataParallel(Engine):
     def __init__(self, dist_: Dist, model: nn.Module, loss_fn, autocast, device: torch.device) -> None:
         super().__init__(dist_, model, loss_fn, autocast)
         self.data_rank, self.data_world = dist_.rank, dist_.world
-        self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        # broadcast_buffers=False: no collective before each forward to copy rank 0's batch-norm statistics (the
+        # forward of a training step normalises with the batch's own statistics; rank 0's running ones, which
+        # only its own shares ever update, are copied to every process in sync()). gradient_as_bucket_view:
+        # the gradients live in DDP's all-reduce buckets, one copy fewer per step.
+        self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                       broadcast_buffers=False, gradient_as_bucket_view=True)
         self.ddp.register_comm_hook(self, _counting_allreduce)
+        self.forward_module = self.ddp
 
     def forward_backward(self, x, y, weight, last=True):
         # Micro-batches of one step (optim.grad_accum) all-reduce once, with the last one.
         with self.ddp.no_sync() if not last else nullcontext():
-            return self._forward(self.ddp, x, y, weight)
+            return self._forward(self.forward_module, x, y, weight)
 
     def sync(self, optimizer) -> None:
         # Weights agree after every step; batch-norm running statistics do not (each process updates them from
-        # its own share; DDP copies rank 0's only at the next forward): evaluate and save rank 0's everywhere.
+        # its own share): evaluate and save rank 0's everywhere.
         for buffer in self.model.buffers():
             self.dist.broadcast(buffer, 0)
 

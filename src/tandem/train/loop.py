@@ -29,6 +29,7 @@ from tandem.data.stream import FileSplits
 from tandem.errors import UserError
 from tandem.runtime.preprocess import preprocess
 from tandem.train import checkpoint as ckpt
+from tandem.train import graphs
 from tandem.train.augment import apply, draw
 from tandem.train.device import autocast_dtype, pick_precision
 from tandem.train.distributed import Dist, Engine, decay_split, init_distributed, make_engine, peer_lost
@@ -90,14 +91,17 @@ def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
     return _cosine(peak, floor, (step - warm_end) / max(1e-9, total - 1 - warm_end))
 
 
-def make_optimizer(cfg: TrainConfig, named_parameters) -> torch.optim.Optimizer:
-    """Over (name, parameter) pairs, grouped by distributed.decay_split (checkpoints rely on its order)."""
+def make_optimizer(cfg: TrainConfig, named_parameters, fused: bool = False) -> torch.optim.Optimizer:
+    """Over (name, parameter) pairs, grouped by distributed.decay_split (checkpoints rely on its order).
+    fused: torch's fused CUDA kernels, which read a learning rate held in a device tensor (compile=graphs)."""
     decay, no_decay = decay_split(named_parameters)  # no weight decay on biases and batch-norm parameters
     groups = [{"params": [p for _, p in decay], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    extra = {"fused": True} if fused else {}
     if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0,
+                               **extra)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, **extra)
 
 
 def load_splits(cfg: TrainConfig) -> Splits | FileSplits:
@@ -218,12 +222,21 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
     def loss_fn(logits, y):
         return F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
 
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    # How each step runs (train/graphs.py): eager, torch.compile, or captured whole in a CUDA graph.
+    streamed = bool(splits.train.decode.get("streamed"))
+    compiled = graphs.resolve(cfg, device, dist_.world, streamed)
+
+    def autocast():  # a captured graph records the casts themselves: autocast's cache of cast weights stays off
+        return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None,
+                              cache_enabled=compiled != "graphs")
 
     engine = make_engine(cfg, dist_, model, loss_fn, autocast, device)
-    optimizer = engine.wrap_optimizer(make_optimizer(cfg, engine.named_parameters()))
-    augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    if compiled == "inductor":
+        engine.compile()
+    capture = compiled == "graphs" and device.type == "cuda"
+    optimizer = engine.wrap_optimizer(make_optimizer(cfg, engine.named_parameters(), fused=capture))
+    # On the training device, so that a captured step draws its augmentation inside the graph.
+    augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     batch = cfg.batch_size
     if engine.splits_batch and cfg.optim.grad_accum > 1:
         raise UserError("parallel.strategy=pipeline splits each batch into parallel.microbatches itself; "
@@ -239,7 +252,6 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
     # 4. Resume: every tensor, RNG and counter as it was at the newest good checkpoint. Or, at step 0 of a
     # fine-tuning run, the bundle's weights.
     layout = {"strategy": engine.strategy, "processes": dist_.world}
-    streamed = bool(splits.train.decode.get("streamed"))
     state = _restore(run_dir, engine, optimizer, augment_rng, device, fingerprint, streamed, layout, dist_, log) \
         if resume else LoopState()
     if cfg.init_from and state.step == 0:
@@ -254,7 +266,7 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
         log(f"fine-tuning from {init['bundle']}: {len(init['classes_kept'])} classes kept, "
             f"{len(init['classes_new'])} new ({', '.join(init['classes_new']) or 'none'})")
     log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters; device {device}, precision {precision}; "
-        f"{total_steps} steps of {batch} images; {engine.describe()}")
+        f"{total_steps} steps of {batch} images; {engine.describe()}; compile={compiled}")
 
     def save(synced: bool) -> Path | None:
         if not synced:
@@ -281,45 +293,64 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
     bar = _progress(cfg, total_steps, state.step, dist_.is_main)
     model.train()
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: read once per logging interval
+    shift, hflip = cfg.augment.shift, cfg.augment.hflip
+    captured = None
+    if compiled == "graphs":
+        def whole_step(x, y):  # what the loop below does for a full batch in one process, as one graph
+            x = apply(x, draw(batch, shift, hflip, augment_rng), shift, background, hflip)
+            loss_sum, correct, _ = engine.forward_backward(x.contiguous(memory_format=memory_format), y, 1.0)
+            sums[0] += loss_sum
+            sums[1] += correct
+            optimizer.step()
+
+        captured = graphs.CapturedStep(x=train_data.x, y=train_data.y, batch=batch, body=whole_step,
+                                       optimizer=optimizer, generator=augment_rng, capture=capture,
+                                       fallback=cfg.compile == "auto", log=log)
     t_last = time.perf_counter()
     while state.step < total_steps and not state.stopped_early:
         epoch, position = divmod(state.step, steps_per_epoch)
         order = epoch_order(n, epoch, cfg.seed)
+        on_device = order.to(device) if captured is not None else None  # the captured step's indices, copied once
         batches = []  # the rest of this epoch, chunk by chunk, so that a streamed split can read ahead
         for pos in range(position, min(steps_per_epoch, position + total_steps - state.step)):
             index = order[pos * batch:(pos + 1) * batch]
-            batches.append((len(index), step_chunks(len(index), engine, cfg.optim.grad_accum), index))
-        flat = [index[chunk] for _, chunks, index in batches for chunk in chunks]
+            whole = on_device[pos * batch:(pos + 1) * batch] if captured is not None and captured.takes(len(index)) else None
+            batches.append((len(index), step_chunks(len(index), engine, cfg.optim.grad_accum), index, whole))
+        flat = [index[chunk] for _, chunks, index, whole in batches if whole is None for chunk in chunks]
         stream = train_data.batches(flat)
-        for batch_len, chunks, _ in batches:
+        for batch_len, chunks, _, whole in batches:
             lr = learning_rate(state.step, total_steps, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # Augmentation is drawn for the global batch; each process applies the rows of its share.
-            params = draw(batch_len, cfg.augment.shift, cfg.augment.hflip, augment_rng)
-            for k, chunk in enumerate(chunks):
-                xb, yb = next(stream)
-                xb = apply(xb, params[chunk], cfg.augment.shift, background).contiguous(memory_format=memory_format)
-                loss_sum, correct, count = engine.forward_backward(xb, yb, len(chunk) / batch_len,
-                                                                   last=k == len(chunks) - 1)
-                sums[0] += loss_sum
-                sums[1] += correct
-                state.running["count"] += count
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if whole is not None:  # compile=graphs: the whole step below, replayed from one CUDA graph
+                captured.step(whole, lr)
+                state.running["count"] += batch_len
+            else:
+                # Augmentation is drawn for the global batch; each process applies the rows of its share.
+                params = draw(batch_len, shift, hflip, augment_rng)
+                for k, chunk in enumerate(chunks):
+                    xb, yb = next(stream)
+                    xb = apply(xb, params[chunk], shift, background, hflip).contiguous(memory_format=memory_format)
+                    loss_sum, correct, count = engine.forward_backward(xb, yb, len(chunk) / batch_len,
+                                                                       last=k == len(chunks) - 1)
+                    sums[0] += loss_sum
+                    sums[1] += correct
+                    state.running["count"] += count
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             engine.after_step()
             state.step += 1
             state.images_seen += batch_len
-            now = time.perf_counter()
-            state.train_seconds, t_last = state.train_seconds + now - t_last, now
-
             end_of_epoch = state.step % steps_per_epoch == 0 or state.step == total_steps
             saving = state.step == total_steps or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) \
                 or (not cfg.checkpoint_every and end_of_epoch)
             if end_of_epoch or saving or (bar is not None and state.step % 10 == 0):
+                # Reading the sums waits for the device: the steps a GPU still had queued count as training time.
                 state.running["loss"] += sums[0].item()
                 state.running["correct"] += sums[1].item()
                 sums.zero_()
+            now = time.perf_counter()
+            state.train_seconds, t_last = state.train_seconds + now - t_last, now
             _show(bar, state, epoch, total_steps)
             improved = False
             if end_of_epoch:
@@ -396,6 +427,10 @@ def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprin
     engine.load_state(model_state, optimizer, ckpt.unflatten_optimizer(trainer, meta["optimizer"]))
     own = "" if dist_.is_main else f".{dist_.rank}"  # rank r > 0 saved its streams as rng.torch.<r>
     torch.set_rng_state(trainer[f"rng.torch{own}"])
+    if trainer["rng.augment"].numel() != augment_rng.get_state().numel():  # a CPU and a CUDA generator's states
+        raise UserError(f"--resume {run_dir}: the run drew its augmentation on the "
+                        f"{'cpu' if device.type == 'cuda' else 'GPU'} and this one runs on the {device.type}; resume it "
+                        f"with device={'cpu' if device.type == 'cuda' else 'cuda'}")
     augment_rng.set_state(trainer["rng.augment"])
     if device.type == "cuda" and f"rng.cuda{own}" in trainer:
         torch.cuda.set_rng_state(trainer[f"rng.cuda{own}"])
