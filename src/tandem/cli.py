@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an optional YAML config file, then dotted overrides such as optim.lr=0.01")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest good checkpoint "
                    "(under torchrun: the same process count and strategy); overrides may change only progress, "
-                   "checkpoint_every, keep_checkpoints, device, data.workers, data.stream and parallel.timeout")
+                   "checkpoint_every, keep_checkpoints, device, compile, data.workers, data.stream and parallel.timeout")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout (logs go to stderr)")
     p.set_defaults(func=cmd_train)
 
