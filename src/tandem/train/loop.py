@@ -91,17 +91,20 @@ def learning_rate(step: int, total: int, cfg: TrainConfig) -> float:
     return _cosine(peak, floor, (step - warm_end) / max(1e-9, total - 1 - warm_end))
 
 
-def make_optimizer(cfg: TrainConfig, named_parameters, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, named_parameters, capturable: bool = False) -> torch.optim.Optimizer:
     """Over (name, parameter) pairs, grouped by distributed.decay_split (checkpoints rely on its order).
-    fused: torch's fused CUDA kernels, which read a learning rate held in a device tensor (compile=graphs)."""
+    capturable (compile=graphs): an optimizer whose step can be recorded in a CUDA graph and reads its learning rate
+    from a device tensor: SGD's fused CUDA kernel, AdamW's capturable path."""
     decay, no_decay = decay_split(named_parameters)  # no weight decay on biases and batch-norm parameters
     groups = [{"params": [p for _, p in decay], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
-    extra = {"fused": True} if fused else {}
     if cfg.optim.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.momentum > 0,
-                               **extra)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, **extra)
+                               **({"fused": True} if capturable else {}))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, capturable=capturable)
+    # Its warm-up steps and each epoch's short last batch run uncaptured on purpose: no warning about it.
+    optimizer._warned_capturable_if_run_uncaptured = capturable
+    return optimizer
 
 
 def load_splits(cfg: TrainConfig) -> Splits | FileSplits:
@@ -234,7 +237,7 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
     if compiled == "inductor":
         engine.compile()
     capture = compiled == "graphs" and device.type == "cuda"
-    optimizer = engine.wrap_optimizer(make_optimizer(cfg, engine.named_parameters(), fused=capture))
+    optimizer = engine.wrap_optimizer(make_optimizer(cfg, engine.named_parameters(), capturable=capture))
     # On the training device, so that a captured step draws its augmentation inside the graph.
     augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     batch = cfg.batch_size
