@@ -43,6 +43,9 @@ def main() -> None:
     if dist_.is_main:
         with open(out, "w") as handle:
             json.dump({"identical": identical, "comm_bytes": engine.comm_bytes}, handle)
+    # Leave together, as tandem's loop does: a process that tears gloo down while its peer is still closing
+    # the connections can abort in C++ ("terminate called without an active exception").
+    dist_.barrier()
     dist_.close()
 
 
