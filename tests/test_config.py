@@ -20,7 +20,7 @@ def test_yaml_then_overrides_and_round_trip(tmp_path):
     ("optim.lr=-1", "config: optim.lr: Input should be greater than 0 (got -1)"),
     ("batch_size=0", "config: batch_size: Input should be greater than or equal to 1 (got 0)"),
     ("data.val_fraction=0.7", "config: data.val_fraction: Input should be less than 0.5 (got 0.7)"),
-    ("model.name=vit", "config: model.name: Input should be 'mlp', 'cnn' or 'resnet' (got 'vit')"),
+    ("model.name=vit", "config: model.name: Input should be 'mlp', 'cnn', 'cnn-fpga' or 'resnet' (got 'vit')"),
     ("optim.lrr=1", "unknown config key 'optim.lrr'"),
     ("epochs", "override 'epochs' is not key=value"),
     ("precision=fp16", "config: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),

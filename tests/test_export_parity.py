@@ -8,7 +8,7 @@ import torch
 from tandem.export.onnx_bundle import export_onnx
 from tandem.train.models import MODELS, create_model
 
-SHAPES = {"mlp": (1, 28), "cnn": (1, 28), "resnet": (3, 32)}
+SHAPES = {"mlp": (1, 28), "cnn": (1, 28), "cnn-fpga": (1, 28), "resnet": (3, 32)}
 
 
 def _trained_statistics(model, channels, size):

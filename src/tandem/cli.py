@@ -2,8 +2,9 @@
 
     tandem demo                               train, export, and classify held-out animals
     tandem train [CONFIG.yaml] [key=value ...] [--resume RUN]
-    tandem export RUN --out BUNDLE [--sign KEY.pem]   or   --repo REPO --name NAME (the next version)
-    tandem predict BUNDLE PATH... [--top-k K] [--json] [--trusted-key PUBLIC.pem]
+    tandem export RUN --out BUNDLE [--sign KEY.pem] [--int8]   or   --repo REPO --name NAME (the next version)
+    tandem predict BUNDLE PATH... [--top-k K] [--json] [--trusted-key PUBLIC.pem] [--precision auto|fp32|int8]
+    tandem bench BUNDLE [--json] [--threads N] [--precision all|fp32|int8]   MLPerf-style scenarios, torch-free
     tandem config                             every config key with its default
     tandem keygen KEY.pem PUBLIC.pem          a key pair for signed bundles
     tandem serve REPO [--port P] [--config serve.yaml]   the Open Inference Protocol server
@@ -44,6 +45,35 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 <= value <= 100:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give percentage points from 0 to 100")
+    return value
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers (e.g. 16,64,256)") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}': give batch sizes of at least 1, e.g. 16,64,256")
+    return sizes
+
+
+def _reuse(text: str) -> int | str:
+    if text == "auto":
+        return text
+    value = _counted(1, 4096)(text) if text.lstrip("-").isdigit() else None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"'{text}': give auto or a whole number from 1 to 4096")
     return value
 
 
@@ -133,9 +163,15 @@ def cmd_export(args) -> int:
         out, version = _next_version(args)
     elif not out:
         raise UserError("give --out BUNDLE (a folder), or --repo REPO --name NAME to add a version to a model repository")
+    if not args.int8 and (args.int8_budget is not None or args.calibration is not None):
+        raise UserError("--int8-budget and --calibration apply to int8 export: add --int8")
+    if not args.fpga and (args.fpga_precision != "auto" or args.fpga_reuse != "auto"):
+        raise UserError("--fpga-precision and --fpga-reuse apply to the FPGA export: add --fpga")
     try:
         out = export_bundle(args.run, out, name=args.name, version=version, atol=args.atol,
-                            exporter=args.exporter, force=args.force, sign=args.sign, log=_log_for(args))
+                            exporter=args.exporter, force=args.force, sign=args.sign, log=_log_for(args),
+                            int8=args.int8, int8_budget_pp=args.int8_budget, calibration=args.calibration,
+                            fpga=args.fpga, fpga_precision=args.fpga_precision, fpga_reuse=args.fpga_reuse)
     except BaseException:
         if args.repo and not any(Path(out).iterdir()):
             Path(out).rmdir()  # the version number reserved for this export is free again
@@ -168,7 +204,7 @@ def cmd_export(args) -> int:
 def cmd_predict(args) -> int:
     from tandem.runtime import Predictor
 
-    predictor = Predictor.load(args.bundle, threads=args.threads, trusted_key=args.trusted_key)
+    predictor = Predictor.load(args.bundle, threads=args.threads, trusted_key=args.trusted_key, precision=args.precision)
     failed = 0
     # Results stream in input order as soon as they are decoded; one bad file does not stop the rest.
     for path, preds, error in predictor.predict_files(args.paths, k=args.top_k, workers=args.workers):
@@ -187,6 +223,22 @@ def cmd_predict(args) -> int:
     if failed:
         print(f"error: {failed} file(s) could not be read; the others were classified", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from tandem.hardware.bench import format_report, run_bench
+
+    def progress(message: str) -> None:
+        print(f"bench: {message} ...", file=sys.stderr, flush=True)
+
+    precisions = None if args.precision == "all" else [args.precision]
+    report = run_bench(args.bundle, precisions, threads=args.threads, seconds=args.seconds, queries=args.queries,
+                       batches=args.batches, rounds=args.rounds, starts=args.starts, progress=progress)
+    if args.json:
+        _print_json(report)
+    else:
+        print(format_report(report))
     return 0
 
 
@@ -320,6 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.onnx exporter (default: torchscript, much faster for these models)")
     p.add_argument("--force", action="store_true", help="replace --out if it holds a bundle (never another folder)")
     p.add_argument("--sign", metavar="KEY.pem", help="sign the bundle with this private key (see `tandem keygen`)")
+    p.add_argument("--fpga", action="store_true", help="also write fpga/: an hls4ml HLS project for the Kria KV260, "
+                   "its fixed-point C++ emulation checked against the float model, report.json (needs the fpga extra "
+                   "and g++; model.name=cnn-fpga is sized for it)")
+    p.add_argument("--fpga-precision", default="auto", metavar="auto|ap_fixed<W,I>",
+                   help="fixed-point type: auto picks the narrowest that agrees with the float model on >= 99%% of "
+                        "validation images (default: %(default)s)")
+    p.add_argument("--fpga-reuse", default="auto", type=_reuse, metavar="auto|N",
+                   help="hls4ml reuse factor: multiplications per multiplier (default: %(default)s, balanced per layer "
+                        "to fit the KV260's DSPs)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write model.int8.onnx (static int8, onnxruntime.quantization QDQ: per-channel int8 "
+                        "weights, uint8 activations), kept only if it passes two gates, recorded in the manifest: "
+                        "validation accuracy within --int8-budget of fp32's, and faster than fp32 on this CPU")
+    p.add_argument("--int8-budget", type=_non_negative_float, default=None, metavar="PP",
+                   help="with --int8: the validation accuracy int8 may lose, in percentage points (default: 0.5)")
+    p.add_argument("--calibration", type=_positive_int, default=None, metavar="N",
+                   help="with --int8: training images to calibrate the activation ranges on (default: 512)")
     p.add_argument("--json", action="store_true", help="print the bundle path, metrics and parity result as JSON")
     p.set_defaults(func=cmd_export)
 
@@ -334,9 +403,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes decoding images (default: one per core)")
     p.add_argument("--trusted-key", metavar="PUBLIC.pem",
                    help="refuse the bundle unless its signature verifies under this public key")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8"], default="auto",
+                   help="which model runs: auto (default) = int8 when the bundle has model.int8.onnx, else fp32")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line (JSON Lines): {path, top_k} or {path, error}")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="benchmark a bundle on this machine: latency, throughput, memory (torch-free)",
+                       description="MLPerf-style scenarios for each precision of a bundle (fp32, and int8 where it has "
+                                   "model.int8.onnx), on the CPU and on ONNX Runtime's CUDA provider where installed: "
+                                   "single-stream (batch-1 latency p50/p90/p99), offline (images/s at the best batch "
+                                   "size), cold start (a fresh process to its first prediction) and its peak RSS. "
+                                   "Precisions are timed in alternated rounds. Progress goes to stderr.",
+                       epilog="--json prints one object of schema tandem.bench/1, documented in "
+                              "src/tandem/hardware/bench.py and the README. Bounded: under 10 s for the demo bundle "
+                              "(--seconds and --queries bound single-stream, --starts the fresh processes).")
+    p.add_argument("bundle", help="bundle folder (from `tandem export`)")
+    p.add_argument("--precision", choices=["all", "fp32", "int8"], default="all",
+                   help="all (default): every precision the bundle has; int8 needs model.int8.onnx")
+    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--seconds", type=_positive_float, default=2.0,
+                   help="single-stream: at most this many seconds per precision (default: %(default)s)")
+    p.add_argument("--queries", type=_positive_int, default=2000,
+                   help="single-stream: at most this many queries per precision (default: %(default)s)")
+    p.add_argument("--batches", type=_batch_sizes, default=[16, 64, 256], metavar="B,B,...",
+                   help="offline: batch sizes to try, the best counts (default: 16,64,256)")
+    p.add_argument("--rounds", type=_positive_int, default=3, help="alternated timing rounds (default: %(default)s)")
+    p.add_argument("--starts", type=_counted(0, 100), default=3,
+                   help="fresh processes for cold start and peak RSS, median (default: %(default)s; 0 skips them)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (schema tandem.bench/1)")
+    p.set_defaults(func=cmd_bench)
+
+    from tandem.hardware.commands import register  # inspect, plan (torch-free; plan --train imports the training side)
+
+    register(sub)
 
     p = sub.add_parser("serve", help="serve a model repository over HTTP (Open Inference Protocol v2)",
                        description="Serve REPO/<model>/<version>/ bundles over the Open Inference Protocol v2 "

@@ -60,8 +60,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["mlp", "cnn", "resnet"] = "cnn"
-    width: int = Field(16, ge=4, le=512, description="channels of the first stage (hidden units / 8 for mlp)")
+    name: Literal["mlp", "cnn", "cnn-fpga", "resnet"] = Field(
+        "cnn", description="mlp, cnn, cnn-fpga (the cnn at FPGA size, about 3k parameters: export --fpga) or resnet")
+    width: int = Field(16, ge=4, le=512, description="channels of the first stage (hidden units / 8 for mlp; "
+                                                     "of the last stage for cnn-fpga)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
 

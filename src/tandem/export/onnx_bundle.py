@@ -1,10 +1,11 @@
 """Checkpoint -> bundle: ONNX fp32 with a dynamic batch, safetensors weights, manifest; parity checked.
 
-    tandem export runs/latest --out bundles/animals/1 [--sign key.pem]
+    tandem export runs/latest --out bundles/animals/1 [--sign key.pem] [--int8 [--int8-budget 0.5]]
 
 A run folder exports its best checkpoint (by validation accuracy). Export fails, and writes nothing,
 unless ONNX Runtime and torch agree on held-out inputs to within `atol` (max abs logit difference).
 The bundle's test accuracy is the exported graph's, computed by ONNX Runtime as the runtime will.
+With --int8 it also holds model.int8.onnx where that passes its gates (tandem.export.quantize).
 """
 
 from __future__ import annotations
@@ -71,26 +72,60 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, path: Path, exp
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
 
 
-def held_out_data(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[np.ndarray | None, np.ndarray | None, dict | None]:
-    """The run's preprocessed test split and its labels, and how they were read. (None, None, ...) when the
+def run_splits(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[object | None, dict | None, str | None]:
+    """The run's splits (the same images as in training) and how they were read; (None, decode, why) when the
     data is gone or is no longer the data the model was trained on: its test split would then hold other
     images, some of them perhaps trained on, and its accuracy would describe nothing."""
-    from tandem.runtime.preprocess import preprocess
     from tandem.train.loop import load_splits
 
     try:
         splits = load_splits(cfg)
     except UserError as err:
         log(f"warning: the run's data cannot be read ({err}); the bundle will carry no test accuracy")
-        return None, None, None
+        return None, None, f"the run's data cannot be read ({err})"
     if fingerprint and splits.train.fingerprint() != fingerprint:
         log(f"warning: the images in {cfg.data.source} changed since this checkpoint was trained; the bundle "
             "will carry no test accuracy (parity is still checked)")
-        return None, None, splits.train.decode
-    test = splits.test
-    # A streamed run (tandem.data.stream) lists files: its test split is decoded here, one image at a time.
-    pixels = test.pixels if hasattr(test, "pixels") else np.stack([test.read(i) for i in range(len(test))])
-    return preprocess(pixels, cfg.data.mean, cfg.data.std), test.labels, splits.train.decode
+        return None, splits.train.decode, f"the images in {cfg.data.source} changed since this checkpoint was trained"
+    return splits, splits.train.decode, None
+
+
+def split_inputs(cfg: TrainConfig, split, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images (all, or those at `index`) preprocessed as training did, and their labels."""
+    from tandem.runtime.preprocess import preprocess
+
+    index = np.arange(len(split.labels)) if index is None else index
+    # A streamed run (tandem.data.stream) lists files: its images are decoded here, one at a time.
+    if hasattr(split, "pixels"):
+        pixels = split.pixels[index]
+    else:
+        pixels = np.stack([split.read(int(i)) for i in index]) if len(index) else \
+            np.zeros((0, cfg.data.image_size, cfg.data.image_size, cfg.data.channels), np.uint8)
+    return preprocess(pixels, cfg.data.mean, cfg.data.std), split.labels[index]
+
+
+def held_out_data(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[np.ndarray | None, np.ndarray | None, dict | None]:
+    """The run's preprocessed test split and its labels, and how they were read; (None, None, ...) when the
+    data is gone or changed (see run_splits)."""
+    splits, decode, _ = run_splits(cfg, fingerprint, log)
+    if splits is None:
+        return None, None, decode
+    return (*split_inputs(cfg, splits.test), decode)
+
+
+def int8_data(cfg: TrainConfig, splits, why_missing: str | None, calibration: int):
+    """What quantization needs: `calibration` training images (a seeded sample), the validation and test splits."""
+    from tandem.export.quantize import QuantData
+
+    if splits is None:
+        return QuantData(missing=f"{why_missing}, so there are no training images to calibrate on and no "
+                                 "validation split to gate on")
+    n = len(splits.train.labels)
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(n, min(calibration, n), replace=False))
+    x_val, y_val = split_inputs(cfg, splits.val)
+    x_test, y_test = split_inputs(cfg, splits.test)
+    return QuantData(calibration=split_inputs(cfg, splits.train, pick)[0], x_val=x_val, y_val=y_val,
+                     x_test=x_test, y_test=y_test)
 
 
 def parity(model: torch.nn.Module, session, x: np.ndarray) -> float:
@@ -182,19 +217,44 @@ def preprocessing(cfg: TrainConfig) -> dict:
 
 def export_bundle(source: str | Path, out: str | Path, name: str | None = None, version: int = 1,
                   atol: float = 1e-4, exporter: str = "torchscript", force: bool = False, sign: str | Path | None = None,
-                  log=print) -> Path:
-    """Export a run folder (its best checkpoint) or one checkpoint folder to a bundle folder."""
+                  log=print, int8: bool = False, int8_budget_pp: float | None = None,
+                  calibration: int | None = None, fpga: bool = False, fpga_precision: str = "auto",
+                  fpga_reuse: int | str = "auto") -> Path:
+    """Export a run folder (its best checkpoint) or one checkpoint folder to a bundle folder.
+
+    int8: also write model.int8.onnx, calibrated on `calibration` training images (default 512), kept only
+    if its validation accuracy is within `int8_budget_pp` percentage points of fp32's (default 0.5) and it
+    is faster than fp32 on this CPU; the manifest's export.int8 records both gates either way.
+    fpga: also write fpga/ (tandem.export.fpga: an hls4ml HLS project for the Kria KV260, its fixed-point
+    emulation checked against the float model, report.json); fpga_precision "auto" or "ap_fixed<W,I>",
+    fpga_reuse "auto" or a reuse factor."""
     import onnxruntime as ort
+
+    from tandem.export.quantize import DEFAULT_BUDGET_PP, DEFAULT_CALIBRATION
+
+    if not int8 and (int8_budget_pp is not None or calibration is not None):
+        raise UserError("--int8-budget and --calibration apply to int8 export: add --int8")
+    budget = DEFAULT_BUDGET_PP if int8_budget_pp is None else int8_budget_pp
+    calibration = DEFAULT_CALIBRATION if calibration is None else calibration
+    if not (budget >= 0 and budget <= 100):  # also refuses NaN
+        raise UserError(f"--int8-budget is {int8_budget_pp}; give percentage points from 0 to 100 (e.g. 0.5)")
+    if calibration < 1:
+        raise UserError(f"--calibration is {calibration}; give a number of training images, at least 1 (e.g. 512)")
 
     out = Path(out)
     _check_out(out, force)
     if sign:
         check_signing_key(sign)  # a bad key fails now, not after the export's work
+    if fpga:
+        from tandem.export.fpga import require_hls4ml
+
+        require_hls4ml()  # hls4ml and g++ are there: checked now, not after the export's work
     found = resolve_checkpoint(Path(source))
     cfg = TrainConfig.model_validate(found.state["config"])
     classes = found.state["classes"]
     model = build_model(cfg, len(classes), found.model)
-    x_test, y_test, decode = held_out_data(cfg, found.state.get("data_fingerprint"), log)
+    splits, decode, why_no_data = run_splits(cfg, found.state.get("data_fingerprint"), log)
+    x_test, y_test = split_inputs(cfg, splits.test) if splits is not None else (None, None)
     if x_test is None:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((256, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)).astype(np.float32)
@@ -220,13 +280,33 @@ def export_bundle(source: str | Path, out: str | Path, name: str | None = None, 
             guesses = _run_batches(session, x_test).argmax(1)
             metrics.update(test_accuracy=float((guesses == y_test).mean()), test_images=len(y_test),
                            test_accuracy_by="onnxruntime, fp32 model.onnx")
-        # 3. Weights for fine-tuning, the manifest with every hash, the signature over everything.
+        # 3. Optionally int8, kept only where it passes its accuracy and speed gates.
+        int8_record = None
+        if int8:
+            from tandem.export.quantize import quantize_and_gate
+
+            int8_record = quantize_and_gate(tmp / "model.onnx", tmp / "model.int8.onnx",
+                                            int8_data(cfg, splits, why_no_data, calibration), budget, log)
+            if int8_record["kept"] and int8_record["test"]:
+                metrics["int8_test_accuracy"] = int8_record["test"]["int8_accuracy"]
+        # 4. Weights for fine-tuning, the manifest with every hash, the signature over everything.
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "weights.safetensors"))
         export_info = {"exporter": exporter, "parity_max_abs_diff": diff, "parity_atol": atol,
                        "parity_inputs": parity_source, "data_decode": decode}
+        if int8_record is not None:
+            export_info["int8"] = int8_record
         for file in tmp.iterdir():
             file.chmod(0o644)
         tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+        if fpga:  # a folder of its own, hashed into the manifest below with everything else
+            from tandem.export.fpga import export_fpga
+
+            report = export_fpga(source, tmp, precision=fpga_precision, reuse_factor=fpga_reuse, log=log)
+            export_info["fpga"] = {"report": "fpga/report.json", "precision": report["precision"]["chosen"],
+                                   "agreement_top1": report["agreement"]["top1"],
+                                   "fits_kv260": report["resources"]["fits_kv260"]}
+            if report["accuracy"]:
+                metrics["fpga_emulation_test_accuracy"] = report["accuracy"]["emulation_test"]
         write_manifest(tmp, _manifest(cfg, found, name, version, metrics, export_info))
         read_manifest(tmp)  # what we wrote verifies
         if sign:
@@ -237,6 +317,7 @@ def export_bundle(source: str | Path, out: str | Path, name: str | None = None, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     accuracy = f", test accuracy {metrics['test_accuracy']:.4f} (ONNX Runtime)" if "test_accuracy" in metrics else ""
+    kept = int8_record is not None and int8_record["kept"]
     log(f"bundle {out}: checkpoint {found.path.name}, parity {diff:.2g} (max abs logit, {parity_source}), "
-        f"{len(classes)} classes{accuracy}{', signed' if sign else ''}")
+        f"{len(classes)} classes{accuracy}{', fp32 and int8' if kept else ''}{', signed' if sign else ''}")
     return out

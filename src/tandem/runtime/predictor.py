@@ -1,8 +1,9 @@
 """Load a bundle (hashes verified) and classify arrays, PIL images, files and folders. Never imports torch.
 
-    tandem predict bundle/ cat.png photos/ --top-k 3 [--json]
+    tandem predict bundle/ cat.png photos/ --top-k 3 [--json] [--precision auto|fp32|int8]
 
-    predictor = Predictor.load("bundle/")
+    predictor = Predictor.load("bundle/")                            # model.int8.onnx when the bundle has one
+    predictor = Predictor.load("bundle/", precision="fp32")          # or always the fp32 model.onnx
     predictor.top_k([array, pil_image, "cat.png"], k=3)             # any image form, in memory
     for path, preds, error in predictor.predict_files(["photos/"]):  # files and folders, streamed
         print(path, preds[0].label if preds else error)
@@ -22,6 +23,44 @@ from tandem.errors import UserError
 from tandem.images import RESIZE_MODES, decode_file_batches, expand_paths, to_pixels
 from tandem.runtime.preprocess import preprocess
 
+# The runtime's model files by precision. model.int8.onnx is optional: export keeps it only where it passed
+# its accuracy and speed gates (tandem.export.quantize), and `auto` prefers it when the manifest lists it.
+MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+PRECISIONS = ("auto", *MODEL_FILES)
+
+
+def bundle_precisions(manifest: dict) -> list[str]:
+    """The precisions a bundle's manifest lists a model file for, fp32 first (the runtime reads no other file)."""
+    files = manifest.get("files") or {}
+    return [precision for precision, name in MODEL_FILES.items() if name in files]
+
+
+def choose_precision(manifest: dict, precision: str, bundle: str | Path = "the bundle") -> str:
+    """auto -> int8 when the manifest lists model.int8.onnx, else fp32; fp32 / int8 as asked, if it is there."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    listed = bundle_precisions(manifest)
+    if precision == "auto":
+        return "int8" if "int8" in listed else "fp32"
+    if precision == "int8" and "int8" not in listed:
+        raise UserError(f"bundle {bundle} has no int8 model ({MODEL_FILES['int8']}); use --precision fp32 or auto, "
+                        "or export one with `tandem export RUN --out BUNDLE --int8`")
+    return precision
+
+
+def runtime_session_options(threads: int | None = None) -> Any:
+    """The ONNX Runtime options the runtime runs with (what `tandem bench` and export's speed gate time too)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # The arena keeps every peak allocation for ever; without it RSS follows the work (onnxruntime #11627).
+    options.enable_cpu_mem_arena = False
+    # Spinning threads would take the cores from the processes decoding the next images.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -40,9 +79,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Predictor:
     """A bundle ready to run: `logits`, `probabilities`, `top_k` over batches of any image form."""
 
-    def __init__(self, session: Any, manifest: dict, batch_size: int = 256) -> None:
+    def __init__(self, session: Any, manifest: dict, batch_size: int = 256, precision: str = "fp32") -> None:
         self.session = session
         self.manifest = manifest
+        self.precision = precision  # which model file runs: fp32 (model.onnx) or int8 (model.int8.onnx)
+        self.model_file = MODEL_FILES[precision]
         try:
             self.labels: list[str] = [str(label) for label in manifest["labels"]]
             pre = manifest["preprocessing"]
@@ -64,7 +105,7 @@ class Predictor:
         self.batch_size = batch_size
 
     def _check_against_the_graph(self) -> None:
-        """The manifest is not hashed (it holds the hashes), but model.onnx is, and it records its own labels,
+        """The manifest is not hashed (it holds the hashes), but the model file is, and it records its own labels,
         preprocessing and shapes: a manifest that disagrees with it was edited, and would mislabel answers."""
         meta = self.session.get_modelmeta().custom_metadata_map
         recorded = {key: json.loads(meta[f"tandem.{key}"]) for key in ("labels", "preprocessing") if f"tandem.{key}" in meta}
@@ -77,19 +118,21 @@ class Predictor:
         if isinstance(outputs.shape[-1], int) and outputs.shape[-1] != len(self.labels) and "labels" not in edited:
             edited.append(f"labels ({len(self.labels)} for {outputs.shape[-1]} outputs)")
         if edited:
-            raise UserError(f"the bundle's manifest.json disagrees with its model.onnx on {', '.join(edited)} (edited "
-                            "after export?); re-export the bundle")
+            raise UserError(f"the bundle's manifest.json disagrees with its {self.model_file} on {', '.join(edited)} "
+                            "(edited after export?); re-export the bundle")
 
     @classmethod
     def load(cls, bundle: str | Path, verify: bool = True, threads: int | None = None, batch_size: int = 256,
              providers: list | None = None, session_options: Any = None,
-             trusted_key: str | Path | None = None) -> "Predictor":
-        """Check the bundle, then open model.onnx in ONNX Runtime from the very bytes that were checked.
+             trusted_key: str | Path | None = None, precision: str = "auto") -> "Predictor":
+        """Check the bundle, then open its model in ONNX Runtime from the very bytes that were checked.
 
+        precision: auto (model.int8.onnx when the manifest lists one, else model.onnx), fp32 or int8
+        (a UserError if the bundle has no int8 model); `predictor.precision` says which runs.
         trusted_key: a public key (PEM); the bundle must carry a signature by it (see `tandem keygen`).
         verify: check every listed file's sha256 (False skips the files the runtime does not read;
-        model.onnx is always checked). providers / session_options: passed to ONNX Runtime, for other
-        execution providers (default: the CPU, with the memory arena off and no busy-waiting threads).
+        the model file it runs is always checked). providers / session_options: passed to ONNX Runtime, for
+        other execution providers (default: the CPU, with the memory arena off and no busy-waiting threads).
         """
         import onnxruntime as ort
 
@@ -97,25 +140,19 @@ class Predictor:
         if trusted_key is not None:
             verify_bundle_signature(bundle, trusted_key)  # origin first: the manifest read next is the signed one
         manifest = read_manifest(bundle, verify=False)
-        model = read_bundle_file(bundle, manifest, "model.onnx")  # checked here, on the bytes that are loaded
+        precision = choose_precision(manifest, precision, bundle)
+        name = MODEL_FILES[precision]
+        model = read_bundle_file(bundle, manifest, name)  # checked here, on the bytes that are loaded
         if verify:
-            verify_files(bundle, manifest, skip=("model.onnx",))
+            verify_files(bundle, manifest, skip=(name,))
         if session_options is not None and threads:
             raise UserError("give either session_options or threads (set session_options.intra_op_num_threads)")
-        options = session_options
-        if options is None:
-            options = ort.SessionOptions()
-            # The arena keeps every peak allocation for ever; without it RSS follows the work (onnxruntime #11627).
-            options.enable_cpu_mem_arena = False
-            # Spinning threads would take the cores from the processes decoding the next images.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options if session_options is not None else runtime_session_options(threads)
         try:
             session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types
-            raise UserError(f"bundle {bundle}: ONNX Runtime cannot load model.onnx ({str(err).splitlines()[0]})") from None
-        predictor = cls(session, manifest, batch_size)
+            raise UserError(f"bundle {bundle}: ONNX Runtime cannot load {name} ({str(err).splitlines()[0]})") from None
+        predictor = cls(session, manifest, batch_size, precision)
         predictor._check_against_the_graph()
         return predictor
 

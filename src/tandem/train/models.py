@@ -43,6 +43,24 @@ def cnn(in_channels: int, image_size: int, num_classes: int, width: int = 16, dr
     )
 
 
+def cnn_fpga(in_channels: int, image_size: int, num_classes: int, width: int = 16, dropout: float = 0.0) -> nn.Module:
+    """The cnn's shape at FPGA size (about 3,000 parameters at width 16): one conv per stage, w/4, w/2 and w
+    channels, then the same linear head on the 1/8 grid. Only layers hls4ml converts (Conv2d, BatchNorm2d,
+    folded into the conv, ReLU, MaxPool2d, Flatten, Linear), small enough that every weight stays on chip
+    (`tandem export RUN --out B --fpga`, export/fpga.py)."""
+    w = width
+    grid = image_size // 8
+    if grid < 1:
+        raise ValueError(f"cnn-fpga needs images of at least 8 pixels, got {image_size}")
+    a, b = max(2, w // 4), max(2, w // 2)
+    return nn.Sequential(
+        *conv_bn_relu(in_channels, a), nn.MaxPool2d(2),
+        *conv_bn_relu(a, b), nn.MaxPool2d(2),
+        *conv_bn_relu(b, w), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(dropout), nn.Linear(w * grid * grid, num_classes),
+    )
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with an identity (or 1x1 projection) shortcut, He et al. 2016."""
 
@@ -75,7 +93,7 @@ def resnet(in_channels: int, image_size: int, num_classes: int, width: int = 16,
     )
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": cnn, "cnn-fpga": cnn_fpga, "resnet": resnet}
 
 
 def mlp_tensor_plan(model: nn.Module) -> dict:

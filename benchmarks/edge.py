@@ -1,0 +1,151 @@
+"""int8 against fp32 on the default animal bundle, on this CPU, in one run (issue 9's edge targets).
+
+    python benchmarks/edge.py                          # trains the default animal run, exports it with --int8
+    python benchmarks/edge.py --run runs/latest        # exports this run with --int8 instead of training one
+    python benchmarks/edge.py --bundle bundles/animals/1 [--threads 2] [--seconds 5] [--json]
+
+The bundle comes from `tandem export RUN --out B --int8`, whose own gates (validation accuracy within
+0.5 pp, faster than fp32 at batch 64) decide whether it holds model.int8.onnx at all; where they dropped
+it, this run fails and prints why. Then, in this process: top-1 accuracy of each precision through the
+runtime (Predictor, uint8 pixels in) on the run's whole test split, and `tandem bench`'s scenarios
+(tandem.hardware.bench) with fp32 and int8 timed in alternated rounds: single-stream batch-1 latency
+(the median is p50), offline images/s at the best of batches 16 to 1024, cold start and peak RSS of
+fresh processes, and the model files' sizes.
+
+Targets: int8 accuracy drop <= 0.3 pp (test split); int8 batch-1 median latency <= 0.8x fp32's;
+int8 offline throughput >= 1.8x fp32's; int8 model file <= 0.3x fp32's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from targets import Target, report
+
+
+def train_default_run(folder: Path) -> Path:
+    """The default animal run (the README's `tandem train`), about a minute on 2 cores."""
+    print(f"no --run or --bundle given: training the default animal run in {folder / 'run'} ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "tandem", "train", f"out_dir={folder / 'run'}", "progress=false"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return folder / "run"
+
+
+def export_int8(run: Path, bundle: Path) -> None:
+    print(f"exporting {run} with --int8 to {bundle} ...", file=sys.stderr)
+    proc = subprocess.run([sys.executable, "-m", "tandem", "export", str(run), "--out", str(bundle), "--int8",
+                           "--force", "--json"], capture_output=True, text=True)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"export failed (exit {proc.returncode})")
+
+
+def accuracy_on_test_split(bundle: Path, precision: str) -> tuple[float, np.ndarray]:
+    """Top-1 accuracy through the runtime on the bundle's run's whole test split, and the answers."""
+    from tandem.config import TrainConfig
+    from tandem.data.stream import load_splits
+    from tandem.runtime import Predictor
+
+    predictor = Predictor.load(bundle, precision=precision)
+    cfg = TrainConfig.model_validate(predictor.manifest["config"])
+    test = load_splits(cfg.data, cfg.seed).test
+    pixels = test.pixels if hasattr(test, "pixels") else np.stack([test.read(i) for i in range(len(test))])
+    answers = predictor.logits(pixels).argmax(1)
+    return float((answers == test.labels).mean()), answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--run", type=Path, help="a trained run to export with --int8 (default: train the default run)")
+    source.add_argument("--bundle", type=Path, help="a bundle already exported with --int8")
+    parser.add_argument("--out", type=Path, help="keep the trained run and the bundle here (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: its own, all cores)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="single-stream seconds per precision (default: 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternated timing rounds (default: 5)")
+    parser.add_argument("--starts", type=int, default=5, help="fresh processes for cold start and RSS (default: 5)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    if args.bundle:
+        run(args, args.bundle)
+        return
+    with tempfile.TemporaryDirectory(prefix="tandem-edge-") as tmp:
+        folder = args.out or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        source_run = args.run or train_default_run(folder)
+        export_int8(source_run, folder / "bundle")
+        run(args, folder / "bundle")
+
+
+def run(args, bundle: Path) -> None:
+    from tandem.bundle import read_manifest
+    from tandem.hardware.bench import run_bench
+
+    manifest = read_manifest(bundle)
+    gates = manifest.get("export", {}).get("int8")
+    if "model.int8.onnx" not in manifest["files"]:
+        why = gates["reason"] if gates else "it was exported without --int8"
+        print(f"FAIL: bundle {bundle} holds no int8 model: {why}")
+        raise SystemExit(1)
+
+    print("accuracy on the test split, fp32 and int8 ...", file=sys.stderr)
+    (fp32_acc, fp32_answers), (int8_acc, int8_answers) = accuracy_on_test_split(bundle, "fp32"), accuracy_on_test_split(bundle, "int8")
+    drop_pp = 100 * (fp32_acc - int8_acc)
+    agreement = float((fp32_answers == int8_answers).mean())
+
+    bench = run_bench(bundle, ["fp32", "int8"], threads=args.threads, seconds=args.seconds, queries=100_000,
+                      batches=[16, 64, 256, 1024], rounds=args.rounds, starts=args.starts,
+                      progress=lambda message: print(f"bench: {message} ...", file=sys.stderr, flush=True))
+    fp32, int8 = (next(r for r in bench["results"] if r["precision"] == p and r["provider"] == "CPUExecutionProvider")
+                  for p in ("fp32", "int8"))
+    latency = [r["single_stream"]["p50_ms"] for r in (fp32, int8)]
+    throughput = [r["offline"]["images_per_second"] for r in (fp32, int8)]
+    size = [r["model_bytes"] / 1e3 for r in (fp32, int8)]
+
+    def ratio_row(label: str, pair: list, scale: float = 1.0) -> list:
+        return [label, pair[0] * scale, pair[1] * scale, pair[1] / pair[0] if pair[0] else ""]
+
+    rows = [
+        ["test accuracy (%)", 100 * fp32_acc, 100 * int8_acc, f"drop {drop_pp:.2f} pp"],
+        ["  int8 top-1 agreement with fp32 (%)", "", 100 * agreement, ""],
+        ratio_row("batch-1 latency, median (ms)", latency),
+        ratio_row("batch-1 latency, p90 (ms)", [r["single_stream"]["p90_ms"] for r in (fp32, int8)]),
+        ratio_row("batch-1 latency, p99 (ms)", [r["single_stream"]["p99_ms"] for r in (fp32, int8)]),
+        ratio_row("offline throughput, best batch (images/s)", throughput),
+        ["  best batch", fp32["offline"]["best_batch"], int8["offline"]["best_batch"], ""],
+        ratio_row("model file (kB)", size),
+        ratio_row("cold start, fresh process (s)", [r["cold_start_s"] or 0.0 for r in (fp32, int8)]),
+        ratio_row("peak RSS, fresh process (MB)", [r["peak_rss_mb"] or 0.0 for r in (fp32, int8)]),
+    ]
+    if gates:
+        acc, speed = gates["accuracy_gate"], gates["speed_gate"]
+        rows += [["export gate: validation drop (pp)", "", acc["drop_pp"], f"budget {acc['budget_pp']:g}"],
+                 ["export gate: speed-up at batch 64", "", speed["speedup"], "needs > 1"]]
+    targets = [
+        Target("int8 accuracy drop (test split)", drop_pp, 0.3, higher_is_better=False, unit=" pp"),
+        Target("int8/fp32 batch-1 median latency", latency[1] / latency[0], 0.8, higher_is_better=False),
+        Target("int8/fp32 offline throughput", throughput[1] / throughput[0], 1.8, higher_is_better=True),
+        Target("int8/fp32 model file size", size[1] / size[0], 0.3, higher_is_better=False),
+    ]
+    details = {"bundle": str(bundle), "bench": bench, "export_int8": gates}
+    passed = report(f"int8 vs fp32, bundle {bundle} (ONNX Runtime {bench['machine']['onnxruntime']})",
+                    ["measure", "fp32", "int8", "int8/fp32"], rows, targets, args.json, details)
+    if not args.json:
+        threads = args.threads or "ONNX Runtime's default"
+        print(f"\nthreads: {threads}; single-stream up to {args.seconds:g} s per precision, offline best of batches "
+              f"16-1024, {args.rounds} alternated rounds (medians); {args.starts} fresh processes per precision; "
+              f"accuracy on {len(fp32_answers)} test images")
+    if not passed:
+        raise SystemExit(1)  # a missed target fails the run
+
+
+if __name__ == "__main__":
+    main()
