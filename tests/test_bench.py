@@ -99,9 +99,11 @@ def test_bench_table_for_an_fp32_bundle(tiny_bundle):
 
 @pytest.mark.parametrize("args, expected", [
     (["--precision", "int8"], "has no int8 model"),
-    (["--batches", "0,8"], "give batch sizes of at least 1"),
+    (["--batches", "0,8"], "give batch sizes from 1 to 65536"),
+    (["--batches", "16,10000000"], "give batch sizes from 1 to 65536"),  # would allocate tens of GB
     (["--seconds", "0"], "must be greater than 0"),
     (["--threads", "0"], "out of range"),
+    (["--threads", "100000"], "out of range"),  # would start that many threads
 ])
 def test_bench_mistakes_get_one_line(tiny_bundle, args, expected):
     proc = run_tandem("bench", str(tiny_bundle), *args)

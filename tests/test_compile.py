@@ -97,11 +97,12 @@ def _resolve(device: str, world: int = 1, streamed: bool = False, **extra) -> st
 
 
 def test_auto_picks_graphs_only_where_a_captured_step_can_run():
-    assert _resolve("cuda") == "graphs"
-    assert _resolve("cpu") == "off"
-    assert _resolve("cuda", world=2) == "off"
-    assert _resolve("cuda", streamed=True) == "off"
-    assert _resolve("cuda", optim={"grad_accum": 2}) == "off"
+    assert _resolve("cuda") == "off"  # the default, until the capture has been checked on a GPU
+    assert _resolve("cuda", compile="auto") == "graphs"
+    assert _resolve("cpu", compile="auto") == "off"
+    assert _resolve("cuda", world=2, compile="auto") == "off"
+    assert _resolve("cuda", streamed=True, compile="auto") == "off"
+    assert _resolve("cuda", optim={"grad_accum": 2}, compile="auto") == "off"
     assert _resolve("cpu", compile="inductor") == "inductor"
     assert _resolve("cuda", world=2, compile="inductor") == "inductor"  # ddp
 
@@ -115,6 +116,45 @@ def test_auto_picks_graphs_only_where_a_captured_step_can_run():
 def test_compile_graphs_where_it_cannot_run_says_why(where, words):
     with pytest.raises(UserError, match=words):
         _resolve(compile="graphs", **where)
+
+
+def test_compile_off_from_the_command_line_and_yaml(tmp_path):
+    """YAML 1.1 reads a bare off as false: compile=off and `compile: off` must still mean "off"."""
+    from tandem.config import load_config
+
+    assert load_config(None, ["compile=off"]).compile == "off"
+    (tmp_path / "run.yaml").write_text("compile: off\n")
+    assert load_config(tmp_path / "run.yaml").compile == "off"
+    with pytest.raises(UserError, match="compile"):
+        load_config(None, ["compile=on"])
+
+
+def test_compile_inductor_without_a_compiler_says_so(monkeypatch):
+    monkeypatch.setattr(graphs, "_cxx_compiler", lambda: None)
+    with pytest.raises(UserError, match="no C\\+\\+ compiler is installed"):
+        _resolve("cpu", compile="inductor")
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_a_resumed_optimizer_takes_this_runs_capturable_choice(name):
+    """load_state_dict brings back the checkpoint's fused / capturable flags; set_capturable puts this run's back."""
+    from tandem.train.loop import make_optimizer, set_capturable
+
+    cfg = TrainConfig.model_validate({"optim": {"name": name}})
+    model = torch.nn.Linear(3, 2)
+    saved = make_optimizer(cfg, list(model.named_parameters()))
+    model(torch.randn(4, 3)).sum().backward()
+    saved.step()
+    optimizer = make_optimizer(cfg, list(model.named_parameters()))
+    optimizer.load_state_dict(saved.state_dict())
+    key = "fused" if name == "sgd" else "capturable"
+    set_capturable(optimizer, True)
+    assert all(group[key] for group in optimizer.param_groups)
+    set_capturable(optimizer, False)
+    assert not any(group[key] for group in optimizer.param_groups)
+    if name == "adamw":  # the step counters stay where torch keeps them uncaptured: float32 on the CPU
+        steps = [state["step"] for state in optimizer.state.values()]
+        assert steps and all(step.device.type == "cpu" and step.dtype == torch.float32 for step in steps)
 
 
 def test_compile_inductor_refuses_split_models():

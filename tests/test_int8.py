@@ -201,3 +201,18 @@ def test_export_int8_through_the_command_records_what_it_decided(tiny_run, tmp_p
     assert record["kept"] == kept == (out / "model.int8.onnx").exists()
     assert ("int8: model.int8.onnx kept" if kept else "int8: not kept") in proc.stderr
     assert Predictor.load(out).precision == ("int8" if kept else "fp32")
+
+
+def test_the_server_serves_int8_unless_its_settings_say_fp32(int8_bundle):
+    """`tandem serve` opens bundles through the runtime: int8 where a bundle has it, and `models.<m>.precision: fp32`
+    gives model.onnx, what Triton serves from the same repository."""
+    from tandem.serve.config import ServeConfig
+    from tandem.serve.repository import _open_version
+
+    bundle = int8_bundle[0]
+    auto = ServeConfig.model_validate({})
+    pinned = ServeConfig.model_validate({"models": {"animals": {"precision": "fp32"}}})
+    served = [_open_version(bundle, 1, (1,), cfg.model("animals").precision)[0] for cfg in (auto, pinned)]
+    assert [p.model_file for p in served] == ["model.int8.onnx", "model.onnx"]
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    np.testing.assert_array_equal(served[1].logits(x), Predictor.load(bundle, precision="fp32").logits(x))

@@ -2,9 +2,12 @@
 
     tandem demo                               train, export, and classify held-out animals
     tandem train [CONFIG.yaml] [key=value ...] [--resume RUN]
-    tandem export RUN --out BUNDLE [--sign KEY.pem] [--int8]   or   --repo REPO --name NAME (the next version)
+    tandem export RUN --out BUNDLE [--sign KEY.pem] [--int8] [--fpga]   or   --repo REPO --name NAME (the next version)
     tandem predict BUNDLE PATH... [--top-k K] [--json] [--trusted-key PUBLIC.pem] [--precision auto|fp32|int8]
     tandem bench BUNDLE [--json] [--threads N] [--precision all|fp32|int8]   MLPerf-style scenarios, torch-free
+    tandem inspect BUNDLE [--json]            per layer: parameters, MACs, FLOPs, weight bytes, activations
+    tandem plan BUNDLE [--device NAME,...] [--json]   which device it fits, how fast, at what energy
+    tandem plan --train [CONFIG.yaml] [key=value ...] [--device ...]   could a device train it
     tandem config                             every config key with its default
     tandem keygen KEY.pem PUBLIC.pem          a key pair for signed bundles
     tandem serve REPO [--port P] [--config serve.yaml]   the Open Inference Protocol server
@@ -36,6 +39,8 @@ def _counted(low: int, high: int = 2**31 - 1):
 
 # The same ranges as the config's epochs and seed.
 _positive_int, _epochs, _seed = _counted(1), _counted(1, 10_000), _counted(0, 2**32 - 1)
+# Threads and processes: a mistyped 100000 would otherwise start that many and take the machine down.
+_threads, _workers = _counted(1, 256), _counted(1, 64)
 
 
 def _positive_float(text: str) -> float:
@@ -63,8 +68,8 @@ def _batch_sizes(text: str) -> list[int]:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers (e.g. 16,64,256)") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"'{text}': give batch sizes of at least 1, e.g. 16,64,256")
+    if not sizes or min(sizes) < 1 or max(sizes) > 65536:
+        raise argparse.ArgumentTypeError(f"'{text}': give batch sizes from 1 to 65536, e.g. 16,64,256")
     return sizes
 
 
@@ -175,6 +180,8 @@ def cmd_export(args) -> int:
     except BaseException:
         if args.repo and not any(Path(out).iterdir()):
             Path(out).rmdir()  # the version number reserved for this export is free again
+            if not any(Path(out).parent.iterdir()):
+                Path(out).parent.rmdir()  # and a model folder this export made is gone again
         raise
     if args.repo:
         from tandem.bundle import read_manifest
@@ -398,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle folder (from `tandem export`)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--top-k", type=_positive_int, default=1, help="how many classes to report per image (default: %(default)s)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads (default: all cores)")
-    p.add_argument("--workers", type=_positive_int, default=None,
+    p.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--workers", type=_workers, default=None,
                    help="processes decoding images (default: one per core)")
     p.add_argument("--trusted-key", metavar="PUBLIC.pem",
                    help="refuse the bundle unless its signature verifies under this public key")
@@ -421,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle folder (from `tandem export`)")
     p.add_argument("--precision", choices=["all", "fp32", "int8"], default="all",
                    help="all (default): every precision the bundle has; int8 needs model.int8.onnx")
-    p.add_argument("--threads", type=_positive_int, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, default=None, help="ONNX Runtime threads (default: all cores)")
     p.add_argument("--seconds", type=_positive_float, default=2.0,
                    help="single-stream: at most this many seconds per precision (default: %(default)s)")
     p.add_argument("--queries", type=_positive_int, default=2000,

@@ -114,11 +114,11 @@ class TrainConfig(_Section):
     max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0 = no limit)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPUs and CPUs with native bf16, else fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    compile: Literal["auto", "off", "graphs", "inductor"] = Field(
-        "auto", description="how each step runs: graphs = the whole step (batch, augmentation, forward, backward, "
-                            "optimizer) captured once in a CUDA graph and replayed; inductor = torch.compile on the "
-                            "model; off = eager; auto = graphs on a CUDA GPU in one process with the data in memory, "
-                            "else off")
+    compile: Literal["off", "auto", "graphs", "inductor"] = Field(
+        "off", description="how each step runs: off = eager; graphs = the whole step (batch, augmentation, forward, "
+                           "backward, optimizer) captured once in a CUDA graph and replayed; inductor = torch.compile "
+                           "on the model; auto = graphs on a CUDA GPU in one process with the data in memory, else "
+                           "off (the default once the capture has been checked on a GPU)")
     seed: int = Field(0, ge=0, le=2**32 - 1)
     out_dir: str = Field("", description="run folder; empty: a new runs/<date>-<time>, with runs/latest linked to it")
     overwrite: bool = Field(False, description="clear out_dir first if it holds another run (else the run is refused)")
@@ -127,6 +127,12 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1, le=1000)
     early_stopping: int = Field(0, ge=0, description="stop when validation accuracy has not improved for N epochs (0 = off)")
     progress: bool = Field(True, description="progress bar on a terminal")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare off as false: `compile=off` means "off".
+        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -202,10 +208,14 @@ def config_from_dict(tree: dict) -> TrainConfig:
 def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict:
     """A YAML file holding a mapping; UserError naming `what` (and the line) otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give a YAML file")
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist; {hint}")
     try:
         tree = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not a text file; give a YAML file") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -76,6 +76,10 @@ def check_supported(model: nn.Module, name: str = "model") -> None:
         raise UserError(f"{name} cannot be traced by torch.fx ({first}), which hls4ml needs; {TRY_THIS}") from None
     supported = set(get_supported_pytorch_layers()) | {"Dropout", "Sequential"}
     modules = dict(model.named_modules())
+    if not any(isinstance(module, (nn.Conv1d, nn.Conv2d)) for module in modules.values()):
+        # The stream is planned per image row (pixels per layer): a model of Linear layers alone has none.
+        raise UserError(f"{name} has no convolution: the FPGA export streams images through convolutional models; "
+                        f"{TRY_THIS}")
     for node in graph.nodes:
         if node.op == "call_module" and type(modules[node.target]).__name__ not in supported:
             kind = type(modules[node.target]).__name__

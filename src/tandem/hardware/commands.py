@@ -102,6 +102,8 @@ def cmd_inspect(args) -> int:
 def _device_selection(args) -> tuple[list[str] | None, bool]:
     """(device names other than the host, or None for all; whether this machine is included)."""
     names = [n.strip() for item in (args.device or []) for n in item.split(",") if n.strip()]
+    if args.device and not names:
+        raise UserError("--device names no device; give names such as rpi5,stm32h7, host or all")
     if not names or "all" in names:
         return None, not args.no_host
     host = "host" in names

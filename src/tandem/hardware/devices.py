@@ -41,7 +41,7 @@ class Figure(BaseModel):
     """One number and where it comes from; `estimate` says how a derived figure was worked out."""
 
     model_config = ConfigDict(extra="forbid")
-    value: float = Field(ge=0)
+    value: float = Field(ge=0, allow_inf_nan=False)
     source: str = Field(min_length=1)
     estimate: str | None = None
 
@@ -122,6 +122,9 @@ def parse_devices(tree: Any, where: str) -> dict[str, Device]:
         raise UserError(f"device file {where} must hold a mapping `devices:` of device names to their fields")
     out = {}
     for name, fields in tree["devices"].items():
+        if name == "host":
+            raise UserError(f"device file {where}: the name 'host' is this machine, measured by `tandem plan`; give "
+                            "your entry another name")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise UserError(f"device file {where}: entry {name!r}: names are lowercase letters, digits, '.', '_', '-'")
         if not isinstance(fields, dict):

@@ -75,6 +75,9 @@ VersionPolicy = Union[Literal["latest", "all"], list[Annotated[int, Field(strict
 
 class ModelSettings(_Section):
     versions: VersionPolicy = Field("latest", description="latest, all, or a list of version numbers")
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto", description="auto: model.int8.onnx where a bundle has one (export --int8), else model.onnx; fp32: "
+                            "always model.onnx, as Triton serves the same repository")
     batching: BatchingOverride = BatchingOverride()
 
     @field_validator("versions")

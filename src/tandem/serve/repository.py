@@ -70,11 +70,13 @@ class ModelVersion:
         await self.batcher.close(self.close_timeout)
 
 
-def _open_version(path: Path, threads: int, warm_sizes: tuple[int, ...]) -> tuple[object, dict, str, TensorSpec]:
-    """In a worker thread: verify the bundle, open it in ONNX Runtime, run it once per batch size."""
+def _open_version(path: Path, threads: int, warm_sizes: tuple[int, ...],
+                  precision: str = "auto") -> tuple[object, dict, str, TensorSpec]:
+    """In a worker thread: verify the bundle, open its model (the precision the model's settings ask) in ONNX
+    Runtime, run it once per batch size."""
     from tandem.runtime import Predictor
 
-    predictor = Predictor.load(path, threads=threads or None)
+    predictor = Predictor.load(path, threads=threads or None, precision=precision)
     manifest = predictor.manifest
     try:
         spec = TensorSpec.from_manifest(manifest)
@@ -169,7 +171,8 @@ class Repository:
             return old  # unchanged: keep serving it as it is
         sizes = (1, batching.max_batch_size) if batching.enabled and batching.max_batch_size > 1 else (1,)
         try:
-            predictor, manifest, digest, spec = await asyncio.to_thread(_open_version, path, self.config.threads, sizes)
+            predictor, manifest, digest, spec = await asyncio.to_thread(_open_version, path, self.config.threads, sizes,
+                                                                     self.config.model(name).precision)
         except UserError as err:
             message = f"model {name} version {version} refused: {err}"
             self._failed.setdefault(name, {})[version] = message

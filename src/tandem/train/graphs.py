@@ -1,15 +1,16 @@
 """How each training step runs on the device: the config key `compile`.
 
-    compile=off        eager PyTorch, kernel by kernel
+    compile=off        eager PyTorch, kernel by kernel (the default)
     compile=inductor   torch.compile on the model's forward (and so its backward)
     compile=graphs     the whole step captured once in a CUDA graph and replayed (CapturedStep below)
     compile=auto       graphs where it applies (a CUDA GPU, one process, the training images in GPU memory,
                        one forward and backward per step), else off
 
 Why graphs: at the demo's batch of 128 a GPU step is a few hundred small kernels; eager PyTorch spends longer
-launching them than the GPU spends running them (FIELD-NOTES.md: 31,600 images/s eager on an H100, 164,000+
-with the step captured whole on an H200). A replay launches the recorded kernels in one call, with no Python
-and no host sync in between.
+launching them than the GPU spends running them (FIELD-NOTES.md: the demo at 31,600 images/s eager on an H100;
+a prototype that captured a plain step whole ran at 164,000+ on an H200). A replay launches the recorded kernels
+in one call, with no Python and no host sync in between. This capture has not yet run on a GPU (no session has
+had one): benchmarks/gpu.py checks it there, after which `auto` can become the default.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def resolve(cfg: TrainConfig, device: torch.device, world: int, streamed: bool) 
     if mode == "inductor" and world > 1 and cfg.parallel.strategy in ("tensor", "pipeline"):
         raise UserError(f"compile=inductor works in one process and under parallel.strategy=ddp or local-sgd, "
                         f"not with parallel.strategy={cfg.parallel.strategy}; use compile=off")
+    if mode == "inductor" and device.type == "cpu" and not _cxx_compiler():
+        raise UserError("compile=inductor on the CPU builds C++ kernels and no C++ compiler is installed: install g++ "
+                        "(apt-get install g++) or set CXX, or use compile=off")
     if mode not in ("auto", "graphs"):
         return mode
     why = None
@@ -47,6 +51,14 @@ def resolve(cfg: TrainConfig, device: torch.device, world: int, streamed: bool) 
     if mode == "graphs":
         raise UserError(f"compile=graphs: {why}; or use compile=off")
     return "off"
+
+
+def _cxx_compiler() -> str | None:
+    """The compiler torch.compile's C++ backend would find: $CXX, else g++ or clang++."""
+    import os
+    import shutil
+
+    return shutil.which(os.environ.get("CXX", "")) or shutil.which("g++") or shutil.which("clang++")
 
 
 class CapturedStep:
@@ -73,6 +85,7 @@ class CapturedStep:
         self.index = torch.zeros(batch, dtype=torch.long, device=x.device)
         self.lr = torch.zeros((), dtype=torch.float32, device=x.device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.side = torch.cuda.Stream() if capture else None  # one warm-up stream: the allocator caches per stream
         self.eager_steps = 0
 
     def takes(self, batch_len: int) -> bool:
@@ -96,17 +109,18 @@ class CapturedStep:
                 self.log(f"compile=auto: capturing the training step in a CUDA graph failed ({first}); "
                          "the run goes on eagerly")
                 self.capture = False
+                # The capture's backward may have set gradients it never computed: an eager step starts from none.
+                self.optimizer.zero_grad(set_to_none=True)
         if self.graph is not None:
             self.lr.fill_(lr)
             self.graph.replay()
             return
         if self.capture:  # warm-up on a side stream
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 self._run()
                 self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
         else:
             self._run()
             self.optimizer.zero_grad(set_to_none=True)

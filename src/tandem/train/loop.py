@@ -107,6 +107,23 @@ def make_optimizer(cfg: TrainConfig, named_parameters, capturable: bool = False)
     return optimizer
 
 
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """make_optimizer's capturable choice again, after load_state_dict brought back the checkpoint's (a run
+    resumed with another `compile`): SGD fused or not, AdamW capturable or not, with its step counters on the
+    device (capturable) or the CPU, as torch keeps them."""
+    inner = getattr(optimizer, "optim", optimizer)  # local-sgd's PostLocalSGDOptimizer wraps the real one
+    for group in inner.param_groups:
+        if "capturable" in group:
+            group["capturable"] = capturable
+        elif "fused" in group:
+            group["fused"] = True if capturable else None
+        for param in group["params"]:
+            step = inner.state.get(param, {}).get("step")
+            if torch.is_tensor(step):
+                inner.state[param]["step"] = step.to(param.device if capturable else "cpu", torch.float32)
+    inner._warned_capturable_if_run_uncaptured = capturable
+
+
 def load_splits(cfg: TrainConfig) -> Splits | FileSplits:
     """The run's data, deduplicated and split by its seed: the same images for train, resume and export.
     In memory (Splits), or, for folders too large for memory (data.stream), files decoded batch by batch
@@ -238,8 +255,8 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
         engine.compile()
     capture = compiled == "graphs" and device.type == "cuda"
     optimizer = engine.wrap_optimizer(make_optimizer(cfg, engine.named_parameters(), capturable=capture))
-    # On the training device, so that a captured step draws its augmentation inside the graph.
-    augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    # On the CPU, as always; a captured step draws its augmentation inside the graph, on a CUDA generator.
+    augment_rng = torch.Generator(device=device if capture else "cpu").manual_seed(cfg.seed + 1)
     batch = cfg.batch_size
     if engine.splits_batch and cfg.optim.grad_accum > 1:
         raise UserError("parallel.strategy=pipeline splits each batch into parallel.microbatches itself; "
@@ -255,8 +272,24 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
     # 4. Resume: every tensor, RNG and counter as it was at the newest good checkpoint. Or, at step 0 of a
     # fine-tuning run, the bundle's weights.
     layout = {"strategy": engine.strategy, "processes": dist_.world}
-    state = _restore(run_dir, engine, optimizer, augment_rng, device, fingerprint, streamed, layout, dist_, log) \
-        if resume else LoopState()
+    state, saved_augment = _restore(run_dir, engine, optimizer, device, fingerprint, streamed, layout, dist_, log) \
+        if resume else (LoopState(), None)
+    if saved_augment is not None:  # the augmentation's random stream goes on where it stopped, on its own device
+        if saved_augment.numel() != augment_rng.get_state().numel():  # a CPU and a CUDA generator's states
+            if device.type != "cuda":
+                raise UserError(f"--resume {run_dir}: the run drew its augmentation on a GPU (compile=graphs); "
+                                "resume it on a GPU (device=cuda)")
+            augment_rng = torch.Generator(device=device if not capture else "cpu")
+            if capture:  # the run drew on the CPU (compile=off or inductor): a captured step cannot go on with that
+                if cfg.compile == "graphs":
+                    raise UserError(f"--resume {run_dir}: the run drew its augmentation on the CPU (it ran with "
+                                    "compile=off or inductor), which a captured step cannot continue; resume it "
+                                    "with compile=off")
+                log("compile=auto: the run drew its augmentation on the CPU; it goes on eagerly (compile=off)")
+                compiled, capture = "off", False
+        augment_rng.set_state(saved_augment)
+    if resume:
+        set_capturable(optimizer, capture)
     if cfg.init_from and state.step == 0:
         state.init_from = load_bundle_weights(engine.model, cfg.init_from, classes)
         engine.load_state(engine.model.state_dict(), optimizer, engine.full_optimizer_state(optimizer))
@@ -390,9 +423,10 @@ def _start_log(run_dir: Path, cfg: TrainConfig, step: int) -> Path:
     return metrics_path
 
 
-def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprint: str, streamed: bool, layout: dict,
-             dist_: Dist, log) -> LoopState:
-    """Rank 0 finds the newest good checkpoint and reads it; every process takes its part of the state."""
+def _restore(run_dir, engine: Engine, optimizer, device, fingerprint: str, streamed: bool, layout: dict,
+             dist_: Dist, log) -> tuple[LoopState, torch.Tensor | None]:
+    """Rank 0 finds the newest good checkpoint and reads it; every process takes its part of the state. Returns the
+    loop's state and the augmentation generator's saved state (the caller picks the generator it fits)."""
 
     def newest() -> ckpt.Checkpoint | None:
         found = ckpt.latest_checkpoint(run_dir)
@@ -423,18 +457,13 @@ def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprin
     there = dist_.from_main(lambda: found is not None)
     if not there:
         log(f"no checkpoint in {run_dir} yet: starting from step 0")
-        return LoopState()
+        return LoopState(), None
     model_state = dist_.broadcast_tensors(found.model if dist_.is_main else None)
     trainer = dist_.broadcast_tensors(found.trainer if dist_.is_main else None)
     meta = dist_.from_main(lambda: {k: found.state[k] for k in ("step", "loop", "optimizer")} | {"path": str(found.path)})
     engine.load_state(model_state, optimizer, ckpt.unflatten_optimizer(trainer, meta["optimizer"]))
     own = "" if dist_.is_main else f".{dist_.rank}"  # rank r > 0 saved its streams as rng.torch.<r>
     torch.set_rng_state(trainer[f"rng.torch{own}"])
-    if trainer["rng.augment"].numel() != augment_rng.get_state().numel():  # a CPU and a CUDA generator's states
-        raise UserError(f"--resume {run_dir}: the run drew its augmentation on the "
-                        f"{'cpu' if device.type == 'cuda' else 'GPU'} and this one runs on the {device.type}; resume it "
-                        f"with device={'cpu' if device.type == 'cuda' else 'cuda'}")
-    augment_rng.set_state(trainer["rng.augment"])
     if device.type == "cuda" and f"rng.cuda{own}" in trainer:
         torch.cuda.set_rng_state(trainer[f"rng.cuda{own}"])
     state = LoopState(step=meta["step"], **meta["loop"])
@@ -445,7 +474,7 @@ def _restore(run_dir, engine: Engine, optimizer, augment_rng, device, fingerprin
         state.running = _no_examples()  # rank 0 carries the epoch's partial sums
     log(f"resumed from {meta['path']} at step {state.step}" + (" (the run had stopped early: nothing left to train)"
                                                                if state.stopped_early else ""))
-    return state
+    return state, trainer["rng.augment"]
 
 
 def _save(run_dir, cfg, model, optim_state: dict, augment_rng, device, state: LoopState, extra: dict,
