@@ -12,6 +12,8 @@ import os
 import platform
 from dataclasses import dataclass
 
+from tandem.hardware.bench import cpu_name
+
 
 @dataclass
 class Target:
@@ -24,16 +26,6 @@ class Target:
     @property
     def passed(self) -> bool:
         return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

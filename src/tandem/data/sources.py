@@ -26,6 +26,13 @@ ANIMALS_FILE = Path(__file__).with_name("animal_mnist.npz")
 ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 
 
+def fingerprint(digest, labels: np.ndarray, classes: list[str]) -> str:
+    """A hash already fed with the images (pixels, or their digests), finished with the labels and class names."""
+    digest.update(labels.astype("<i8").tobytes())
+    digest.update("\n".join(classes).encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class Dataset:
     """Images as uint8 (N, H, W, C) pixels, integer labels, class names, and where they came from.
@@ -49,11 +56,7 @@ class Dataset:
 
     def fingerprint(self) -> str:
         """sha256 over pixels, labels and class names: which data a model saw, for provenance."""
-        digest = hashlib.sha256()
-        digest.update(np.ascontiguousarray(self.pixels).tobytes())
-        digest.update(self.labels.astype("<i8").tobytes())
-        digest.update("\n".join(self.classes).encode())
-        return digest.hexdigest()
+        return fingerprint(hashlib.sha256(np.ascontiguousarray(self.pixels).tobytes()), self.labels, self.classes)
 
     def describe_decode(self) -> str:
         """One line for the log: how the pixels were obtained and how long it took."""

@@ -31,6 +31,7 @@ import numpy as np
 from tandem.data import cache
 from tandem.data.sources import (
     check_skipped,
+    fingerprint,
     folder_settings,
     list_folder,
     load_dataset,
@@ -86,9 +87,7 @@ class FileDataset:
         the in-memory Dataset.fingerprint of the same images (that one hashes the pixels themselves)."""
         digest = hashlib.sha256(b"tandem streamed folder 1\n")
         digest.update(np.ascontiguousarray(self.digests, dtype=np.uint8).tobytes())
-        digest.update(self.labels.astype("<i8").tobytes())
-        digest.update("\n".join(self.classes).encode())
-        return digest.hexdigest()
+        return fingerprint(digest, self.labels, self.classes)
 
     def describe_decode(self) -> str:
         """One line for the log: how the images' digests were obtained, and that the pixels stream."""

@@ -47,18 +47,11 @@ def _cpu_flags() -> str:
         return ""
 
 
-def memory_available() -> int:
-    """MemAvailable from /proc/meminfo, else free pages; 0 when unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+def _memory_available() -> int:
+    """Bytes of RAM available to new work (0 when unknown): what data.stream decides streaming by."""
+    from tandem.data.stream import available_memory
+
+    return available_memory() or 0
 
 
 def _best(fn, seconds: float, min_runs: int = 3, max_runs: int = 10_000) -> float:
@@ -86,7 +79,7 @@ def gemm_flops(sizes: tuple[int, ...] = (512, 1024), seconds: float = 0.2) -> fl
 
 def copy_bandwidth(mib: int = 128, seconds: float = 0.3) -> float:
     """Bytes read and written per second by a copy far larger than the caches."""
-    available = memory_available()
+    available = _memory_available()
     if available:
         mib = max(16, min(mib, available // (8 << 20)))
     src = np.ones((mib << 20) // 4, np.float32)
@@ -150,7 +143,7 @@ def probe_host() -> HostProbe:
     run, kernel = dispatch_overhead()
     return HostProbe(cpu=cpu_name(), cores=os.cpu_count() or 1, fp32_flops=gemm_flops(), int8_ops=int8_ops(),
                      copy_bandwidth=copy_bandwidth(), run_overhead_s=run, kernel_overhead_s=kernel,
-                     memory_available=memory_available(),
+                     memory_available=_memory_available(),
                      native_bf16="amx_bf16" in flags or "avx512_bf16" in flags,
                      seconds=time.perf_counter() - started)
 
