@@ -9,7 +9,8 @@ The bundle comes from `tandem export RUN --out B --int8`, whose own gates (valid
 it, this run fails and prints why. Then, in this process: top-1 accuracy of each precision through the
 runtime (Predictor, uint8 pixels in) on the run's whole test split, and `tandem bench`'s scenarios
 (tandem.hardware.bench) with fp32 and int8 timed in alternated rounds: single-stream batch-1 latency
-(the median is p50), offline images/s at the best of batches 16 to 1024, cold start and peak RSS of
+(the median is p50), offline images/s at the best of batches 16 to 1024 run one at a time or one per core
+at once (the runtime's `streams`), cold start and peak RSS of
 fresh processes, and the model files' sizes.
 
 Targets: int8 accuracy drop <= 0.3 pp (test split); int8 batch-1 median latency <= 0.8x fp32's;
@@ -121,6 +122,7 @@ def run(args, bundle: Path) -> None:
         ratio_row("batch-1 latency, p99 (ms)", [r["single_stream"]["p99_ms"] for r in (fp32, int8)]),
         ratio_row("offline throughput, best batch (images/s)", throughput),
         ["  best batch", fp32["offline"]["best_batch"], int8["offline"]["best_batch"], ""],
+        ["  best streams (batches at once)", fp32["offline"]["best_streams"], int8["offline"]["best_streams"], ""],
         ratio_row("model file (kB)", size),
         ratio_row("cold start, fresh process (s)", [r["cold_start_s"] or 0.0 for r in (fp32, int8)]),
         ratio_row("peak RSS, fresh process (MB)", [r["peak_rss_mb"] or 0.0 for r in (fp32, int8)]),
@@ -141,7 +143,7 @@ def run(args, bundle: Path) -> None:
     if not args.json:
         threads = args.threads or "ONNX Runtime's default"
         print(f"\nthreads: {threads}; single-stream up to {args.seconds:g} s per precision, offline best of batches "
-              f"16-1024, {args.rounds} alternated rounds (medians); {args.starts} fresh processes per precision; "
+              f"16-1024 and streams {', '.join(map(str, bench['settings']['streams']))}, {args.rounds} alternated rounds (medians); {args.starts} fresh processes per precision; "
               f"accuracy on {len(fp32_answers)} test images")
     if not passed:
         raise SystemExit(1)  # a missed target fails the run

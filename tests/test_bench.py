@@ -45,6 +45,7 @@ def _check_schema(report: dict, precisions: list[str]) -> None:
     assert settings["threads"] is None or isinstance(settings["threads"], int)
     assert isinstance(settings["seconds"], number) and all(isinstance(b, int) for b in settings["batches"])
     assert all(isinstance(settings[k], int) for k in ("queries", "rounds", "starts"))
+    assert settings["streams"][0] == 1 and all(isinstance(n, int) and n >= 1 for n in settings["streams"])
     assert set(report["providers"]) == {CPU, CUDA} and set(report["providers"].values()) <= {"available", "not available"}
     assert [r["precision"] for r in report["results"] if r["provider"] == CPU] == precisions
     for result in report["results"]:
@@ -55,9 +56,12 @@ def _check_schema(report: dict, precisions: list[str]) -> None:
         assert all(isinstance(stream[k], float) for k in ("seconds", "p50_ms", "p90_ms", "p99_ms", "mean_ms"))
         assert 0 < stream["p50_ms"] <= stream["p90_ms"] <= stream["p99_ms"]
         offline = result["offline"]
-        assert [row["batch"] for row in offline["by_batch"]] == settings["batches"]
+        # every batch with every stream count, batch by batch
+        assert [(row["batch"], row["streams"]) for row in offline["by_batch"]] == \
+            [(b, n) for b in settings["batches"] for n in settings["streams"]]
         best = max(offline["by_batch"], key=lambda row: row["images_per_second"])
         assert offline["best_batch"] == best["batch"] and offline["images_per_second"] == best["images_per_second"]
+        assert offline["best_streams"] == best["streams"]
         assert all(isinstance(row["images_per_second"], float) for row in offline["by_batch"])
         for key in ("cold_start_s", "peak_rss_mb"):
             assert (result[key] is None) == (settings["starts"] == 0) and (result[key] is None or result[key] > 0)

@@ -46,6 +46,21 @@ def board(**fields) -> Device:
     return Device.model_validate({**base, **fields})
 
 
+def test_min_depth_charges_shallow_layers_as_deep_ones():
+    """min_depth (the host's int8, measured): an output of a layer whose reduction depth is below it costs min_depth
+    MACs; deeper layers and layers without MACs cost what they did."""
+    fast_memory = {"memory_bandwidth": {"value": 1e15, "source": "s"}}
+    plain = roofline(SMALL, board(**fast_memory), "fp32")
+    deep = roofline(SMALL, board(**fast_memory, min_depth={"fp32": {"value": 10, "source": "s"}}), "fp32")
+    assert deep.seconds == pytest.approx(plain.seconds)  # both Gemms have depth 64 and 32, above 10
+    shallow = roofline(SMALL, board(**fast_memory, min_depth={"fp32": {"value": 100, "source": "s"}}), "fp32")
+    extra = sum(2 * (layer.output_elements * 100 - layer.macs) for layer in SMALL.layers if layer.macs)
+    assert SMALL.layers[0].macs == 64 * 32 and SMALL.layers[0].output_elements == 32  # depth 64: charged 100 each
+    assert shallow.compute_seconds == pytest.approx(plain.compute_seconds + extra / 1e9)
+    with pytest.raises(Exception, match="min_depth"):
+        board(min_depth={"int8": {"value": 100, "source": "s"}})  # no int8 peak to go with it
+
+
 def test_roofline_takes_the_slower_of_compute_and_memory_per_layer():
     device = board()
     line = roofline(SMALL, device, "fp32", batch=4)

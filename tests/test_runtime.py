@@ -180,3 +180,22 @@ def test_a_hand_edited_manifest_is_refused_not_believed(tiny_bundle, tmp_path, e
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=expected):
         Predictor.load(bundle)
+
+
+def test_streams_give_the_same_answers_as_one_stream(tiny_bundle, tmp_path):
+    """streams=2 cuts batches into pieces run at once: the same logits, in the same order, for arrays and files."""
+    images, _ = animals(5)
+    pixels = images[..., None]  # (N, 28, 28, 1), as the runtime holds them
+    one = Predictor.load(tiny_bundle, threads=1)
+    two = Predictor.load(tiny_bundle, threads=2, streams=2)
+    assert two.streams == 2 and two.session.get_session_options().intra_op_num_threads == 1
+    np.testing.assert_allclose(two.logits(pixels), one.logits(pixels), rtol=0, atol=1e-5)
+    x = preprocess(pixels, one.mean, one.std)
+    np.testing.assert_allclose(two.run_inputs(x), one.run_inputs(x), rtol=0, atol=1e-5)
+    for i, image in enumerate(images[:20]):
+        Image.fromarray(image).save(tmp_path / f"{i:02d}.png")
+    assert [(p.name, r[0].index) for p, r, _ in two.predict_files([tmp_path])] == \
+        [(p.name, r[0].index) for p, r, _ in one.predict_files([tmp_path])]
+    for bad in (0, 257, 1.5):
+        with pytest.raises(UserError, match="streams must be a whole number"):
+            Predictor.load(tiny_bundle, streams=bad)

@@ -10,7 +10,9 @@ so the model is timed as the runtime runs it: its own session settings, hashes v
 
 - single-stream: one query at a time, back to back, at batch 1, for at most `seconds` or `queries` per
   precision; latency percentiles p50 / p90 / p99 (MLPerf reports p90);
-- offline: images per second at each of `batches`, each timed in `rounds` rounds; the best batch counts;
+- offline: images per second at each of `batches`, each timed in `rounds` rounds, with one stream (a batch at
+  a time on every thread) and with one stream per core (that many batches at once, one thread each:
+  tandem.runtime.Predictor's `streams`); the best batch and stream count counts;
 - cold start: a fresh process, from its start to its first prediction (interpreter, imports, hash
   checks, session, one image), median of `starts` processes;
 - peak RSS: the peak resident memory (VmHWM) of that fresh process once it has also run a batch of 256.
@@ -24,11 +26,12 @@ JSON schema (`"schema": "tandem.bench/1"`; new keys may be added, these keep the
     schema str, bundle str, name str|null, version int|null, seconds float (the bench's own run time)
     machine   {cpu str, cores int, python str, onnxruntime str, platform str}
     settings  {threads int|null (null: ONNX Runtime's default), seconds float, queries int,
-               batches [int], rounds int, starts int}
+               batches [int], streams [int], rounds int, starts int}
     providers {provider name: "available" | "not available"}
     results   [{precision "fp32"|"int8", provider str, model_file str, model_bytes int,
                 single_stream {queries int, seconds float, p50_ms float, p90_ms float, p99_ms float, mean_ms float},
-                offline {best_batch int, images_per_second float, by_batch [{batch int, images_per_second float}]},
+                offline {best_batch int, best_streams int, images_per_second float,
+                         by_batch [{batch int, streams int, images_per_second float}]},
                 cold_start_s float|null, peak_rss_mb float|null}]      (null: --starts 0)
     not_run   [{precision str, provider str, reason str}]
 """
@@ -137,20 +140,28 @@ def single_stream(runs: list[Callable[[int], object]], seconds: float, queries: 
     return results
 
 
-def offline(runs: list[Callable[[int], object]], batches: list[int], rounds: int,
+def offline(runs: list[dict[int, Callable[[int], object]]], batches: list[int], rounds: int,
             progress: Callable[[str], None]) -> list[dict]:
-    """Images per second of each run(batch) at each batch size (alternated rounds); the best batch counts."""
+    """Images per second of each run[streams](batch) at each batch size and stream count (alternated rounds:
+    every precision and stream count in turn); the best batch and stream count counts."""
     by_batch: list[list[dict]] = [[] for _ in runs]
     for batch in batches:
         progress(f"offline scenario, batch {batch}")
-        seconds = alternated_seconds_per_call([lambda run=run, batch=batch: run(batch) for run in runs], rounds=rounds)
-        for out, s in zip(by_batch, seconds):
-            out.append({"batch": batch, "images_per_second": batch / s})
+        calls = [(i, streams, lambda fn=fn, batch=batch: fn(batch)) for i, run in enumerate(runs) for streams, fn in run.items()]
+        seconds = alternated_seconds_per_call([call for _, _, call in calls], rounds=rounds)
+        for (i, streams, _), s in zip(calls, seconds):
+            by_batch[i].append({"batch": batch, "streams": streams, "images_per_second": batch / s})
     results = []
     for rows in by_batch:
         best = max(rows, key=lambda row: row["images_per_second"])
-        results.append({"best_batch": best["batch"], "images_per_second": best["images_per_second"], "by_batch": rows})
+        results.append({"best_batch": best["batch"], "best_streams": best["streams"],
+                        "images_per_second": best["images_per_second"], "by_batch": rows})
     return results
+
+
+def stream_counts(threads: int | None) -> list[int]:
+    """The offline scenario's stream counts: one, and one per thread (per core when threads is not set)."""
+    return sorted({1, max(1, threads or os.cpu_count() or 1)})
 
 
 def cold_start(bundle: Path, precision: str, threads: int | None, provider: str) -> dict:
@@ -204,7 +215,7 @@ def run_bench(bundle: str | Path, precisions: list[str] | None = None, threads: 
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "onnxruntime": ort.__version__, "platform": platform.platform()},
         "settings": {"threads": threads, "seconds": seconds, "queries": queries, "batches": list(batches),
-                     "rounds": rounds, "starts": starts},
+                     "streams": stream_counts(threads), "rounds": rounds, "starts": starts},
         "providers": providers, "results": [], "not_run": [],
     }
     for provider in (CPU, CUDA):
@@ -223,7 +234,14 @@ def run_bench(bundle: str | Path, precisions: list[str] | None = None, threads: 
             0, 256, (max(max(batches), 64), first.image_size, first.image_size, first.channels), dtype=np.uint8)
         x = preprocess(pixels, first.mean, first.std)
         runs_1 = [lambda i, s=p.session, n=p.input_name, x=x: s.run(None, {n: x[i % 64:i % 64 + 1]}) for p in predictors]
-        runs_b = [lambda b, s=p.session, n=p.input_name, x=x: s.run(None, {n: x[:b]}) for p in predictors]
+        # Offline: the model on preprocessed batches, one at a time, or cut into one piece per stream run at once
+        # (each stream a Predictor with streams=n: threads // n ONNX Runtime threads, its own session).
+        runs_b = []
+        for p, predictor in zip(precisions, predictors):
+            runs_b.append({1: lambda b, s=predictor.session, n=predictor.input_name: s.run(None, {n: x[:b]})})
+            for n in stream_counts(threads)[1:]:
+                many = Predictor.load(bundle, verify=False, precision=p, threads=threads, providers=[provider], streams=n)
+                runs_b[-1][n] = lambda b, m=many: m.run_inputs(x[:b])
         progress(f"{provider}: single-stream scenario (at most {seconds:g} s or {queries} queries per precision)")
         streams = single_stream(runs_1, seconds, queries, rounds)
         offlines = offline(runs_b, list(batches), rounds, lambda text, provider=provider: progress(f"{provider}: {text}"))
@@ -274,6 +292,7 @@ def format_report(report: dict) -> str:
         row("single-stream queries", lambda r: r["single_stream"]["queries"], "{:d}", ratio=False),
         row("offline throughput (images/s)", lambda r: r["offline"]["images_per_second"], "{:,.0f}"),
         row("offline best batch", lambda r: r["offline"]["best_batch"], "{:d}", ratio=False),
+        row("offline best streams", lambda r: r["offline"]["best_streams"], "{:d}", ratio=False),
         row("cold start, fresh process (s)", lambda r: r["cold_start_s"]),
         row("peak RSS, fresh process (MB)", lambda r: r["peak_rss_mb"], "{:.0f}"),
         row("model file (kB)", lambda r: r["model_bytes"] / 1e3, "{:,.0f}"),
@@ -295,6 +314,7 @@ def format_report(report: dict) -> str:
             seen.add(item["provider"])
             lines.append(f"{item['provider']}: {item['reason']}")
     lines.append(f"single-stream: batch 1, up to {s['seconds']:g} s or {s['queries']} queries per precision; "
-                 f"offline: best of batches {', '.join(map(str, s['batches']))}; {s['rounds']} alternated rounds; "
+                 f"offline: best of batches {', '.join(map(str, s['batches']))} and streams "
+                 f"{', '.join(map(str, s.get('streams', [1])))}; {s['rounds']} alternated rounds; "
                  f"cold start and RSS: median of {s['starts']} fresh processes; took {report['seconds']:.1f} s")
     return "\n".join(lines)

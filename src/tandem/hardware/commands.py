@@ -210,7 +210,9 @@ def format_energy(j: float | None) -> str:
 def _probe_line(probe: dict | None) -> str:
     if not probe:
         return ""
-    int8 = f", int8 {probe['int8_ops'] / 1e9:.0f} GOP/s" if probe.get("int8_ops") else ""
+    int8 = f", int8 conv {probe['int8_ops'] / 1e9:.0f} GOP/s" if probe.get("int8_ops") else ""
+    if probe.get("int8_min_depth"):
+        int8 += f" (at least {probe['int8_min_depth']:.0f} MACs per output)"
     return (f"host probe ({probe['seconds']:.1f} s): {probe['cpu']}, {probe['cores']} cores: fp32 GEMM "
             f"{probe['fp32_flops'] / 1e9:.0f} GFLOP/s{int8}, copy {probe['copy_bandwidth'] / 1e9:.1f} GB/s, "
             f"ONNX Runtime {probe['run_overhead_s'] * 1e6:.1f} µs per run + {probe['kernel_overhead_s'] * 1e6:.2f} µs "

@@ -62,6 +62,9 @@ class Device(BaseModel):
     precisions: list[Precision] = Field(min_length=1)
     train_precisions: list[Precision] = []
     peak_ops: dict[Precision, PositiveFigure]
+    # The fewest multiply-accumulates one output of a Conv / Gemm costs at that precision: a layer of smaller
+    # reduction depth (C_in x kernel area) takes as long as one of this depth (the host's int8, measured).
+    min_depth: dict[Precision, PositiveFigure] = {}
     memory_bandwidth: PositiveFigure
     memory: PositiveFigure
     weight_memory: PositiveFigure | None = None
@@ -75,6 +78,9 @@ class Device(BaseModel):
 
     @model_validator(mode="after")
     def _complete(self) -> Device:
+        unknown = [p for p in self.min_depth if p not in self.peak_ops]
+        if unknown:
+            raise ValueError(f"[min_depth] has a figure for {', '.join(unknown)}, which peak_ops does not list")
         for field in ("precisions", "train_precisions"):
             missing = [p for p in getattr(self, field) if p not in self.peak_ops]
             if missing:
@@ -89,6 +95,7 @@ class Device(BaseModel):
     def figures(self) -> dict[str, Figure]:
         """Every figure by its dotted field name, for tables."""
         out = {f"peak_ops.{p}": f for p, f in self.peak_ops.items()}
+        out.update({f"min_depth.{p}": f for p, f in self.min_depth.items()})
         for name in ("memory_bandwidth", "memory", "weight_memory", "power", "runtime_overhead", "train_overhead",
                      "run_overhead", "kernel_overhead"):
             figure = getattr(self, name)

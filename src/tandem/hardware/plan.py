@@ -51,6 +51,7 @@ def roofline(analysis: Analysis, device: Device, precision: str, batch: int = 1,
     and per kernel where it has one (measured on the host; a GPU's launch latency). weights_resident: weights and
     activations stay on chip, so only the inputs and outputs cross memory_bandwidth (device.on_chip)."""
     peak, bandwidth, size = device.peak(precision), device.memory_bandwidth.value, PRECISION_BYTES[precision]
+    depth = device.min_depth[precision].value if precision in device.min_depth else 0.0
     total = compute = memory = 0.0
     if device.on_chip:
         io = (analysis.input_elements + math.prod(analysis.output_shape or [1])) * size * batch
@@ -60,7 +61,9 @@ def roofline(analysis: Analysis, device: Device, precision: str, batch: int = 1,
         total = max(compute, memory)
     else:
         for layer in analysis.layers:
-            c = layer.flops * batch / peak
+            # A shallow Conv / Gemm (a grey image's first layer) costs at least min_depth MACs per output.
+            shallow = max(0.0, layer.output_elements * depth - layer.macs) if layer.macs else 0.0
+            c = (layer.flops + 2 * shallow) * batch / peak
             m = (layer.weight_bytes(precision) + layer.activation_bytes(precision) * batch) / bandwidth
             compute, memory, total = compute + c, memory + m, total + max(c, m)
     extra = (device.run_overhead.value if device.run_overhead else 0.0) + \

@@ -1,6 +1,6 @@
 """Measure this machine's roofline in a second or two: a NumPy GEMM (fp32 compute), a large array copy
-(memory bandwidth), an ONNX Runtime int8 matrix product (int8 compute), and ONNX Runtime's fixed cost per
-run and per kernel. Torch-free.
+(memory bandwidth), two ONNX Runtime int8 convolutions (int8 compute, and the least work one output costs),
+and ONNX Runtime's fixed cost per run and per kernel. Torch-free.
 
     probe = probe_host()          # measured once per process
     device = host_device(probe)   # a Device profile named "host", its figures measured here
@@ -28,7 +28,8 @@ class HostProbe:
     cpu: str
     cores: int
     fp32_flops: float          # NumPy float32 GEMM, n=512 and 1024
-    int8_ops: float | None     # ONNX Runtime MatMulInteger (uint8 x int8), n=512; None without onnx
+    int8_ops: float | None     # ONNX Runtime QLinearConv 3x3, 32 -> 32 channels (ops/s); None without onnx
+    int8_min_depth: float | None  # multiply-accumulates an int8 output costs at least (from a 1-channel conv)
     copy_bandwidth: float      # bytes read + written per second, NumPy copy of 128 MiB
     run_overhead_s: float      # ONNX Runtime's fixed cost of one session.run
     kernel_overhead_s: float   # and of each kernel it launches
@@ -96,22 +97,47 @@ def _session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def int8_ops(n: int = 512, seconds: float = 0.2) -> float | None:
-    """uint8 x int8 -> int32 matrix products per second in ONNX Runtime (its int8 kernels: VNNI, AMX, SDOT)."""
+def _qlinear_conv(c_in: int, c_out: int, size: int, batch: int):
+    """A session running one QLinearConv (3x3, padding 1; uint8 activations, int8 weights, as the int8 bundles'
+    convolutions run once ONNX Runtime fuses their QDQ pairs) and its input; None without onnx."""
     try:
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
     rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.integers(-128, 128, (n, n), dtype=np.int8), "b")
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8_probe",
-                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-                              [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])], [weight])
+    constants = {"x_scale": np.float32(0.02), "x_zero": np.uint8(128),
+                 "w": rng.integers(-127, 128, (c_out, c_in, 3, 3), dtype=np.int8),
+                 "w_scale": np.full(c_out, 0.01, np.float32), "w_zero": np.zeros(c_out, np.int8),
+                 "y_scale": np.float32(0.05), "y_zero": np.uint8(0), "bias": np.zeros(c_out, np.int32)}
+    node = helper.make_node("QLinearConv", ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero",
+                                            "bias"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    graph = helper.make_graph([node], "int8_probe",
+                              [helper.make_tensor_value_info("x", TensorProto.UINT8, [batch, c_in, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [batch, c_out, size, size])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = min(model.ir_version, 8)
-    session = _session(model.SerializeToString())
-    a = rng.integers(0, 256, (n, n), dtype=np.uint8)
-    return 2 * n**3 / _best(lambda: session.run(None, {"a": a}), seconds)
+    x = rng.integers(0, 256, (batch, c_in, size, size), dtype=np.uint8)
+    return _session(model.SerializeToString()), x
+
+
+def int8_conv(batch: int = 16, seconds: float = 0.15) -> tuple[float | None, float | None]:
+    """(int8 ops per second, the least multiply-accumulates one output costs) of ONNX Runtime's int8 convolution.
+
+    The rate comes from a 3x3 convolution of 32 channels to 32 on a 14x14 grid, a reduction depth (C_in x 3 x 3 =
+    288) at which the int8 kernels run at full speed. A convolution of 1 channel (depth 9, as a grey image's first
+    layer) runs far below that rate: each output costs about as much as a deeper one (packing, requantizing), so the
+    probe reports that cost in multiply-accumulates, and the planner charges every int8 Conv / Gemm output at least
+    that much."""
+    deep, shallow = _qlinear_conv(32, 32, 14, batch), _qlinear_conv(1, 16, 28, batch)
+    if deep is None or shallow is None:
+        return None, None
+    outputs_per_s = []
+    for session, x in (deep, shallow):
+        outputs = session.run(None, {"x": x})[0].size
+        outputs_per_s.append(outputs / _best(lambda session=session, x=x: session.run(None, {"x": x}), seconds))
+    ops = 2 * 288 * outputs_per_s[0]  # 288 MACs per output of the 32-channel convolution
+    return ops, max(9.0, ops / 2 / outputs_per_s[1])
 
 
 def dispatch_overhead(seconds: float = 0.1) -> tuple[float, float]:
@@ -141,7 +167,9 @@ def probe_host() -> HostProbe:
     started = time.perf_counter()
     flags = _cpu_flags()
     run, kernel = dispatch_overhead()
-    return HostProbe(cpu=cpu_name(), cores=os.cpu_count() or 1, fp32_flops=gemm_flops(), int8_ops=int8_ops(),
+    int8_ops, int8_min_depth = int8_conv()
+    return HostProbe(cpu=cpu_name(), cores=os.cpu_count() or 1, fp32_flops=gemm_flops(), int8_ops=int8_ops,
+                     int8_min_depth=int8_min_depth,
                      copy_bandwidth=copy_bandwidth(), run_overhead_s=run, kernel_overhead_s=kernel,
                      memory_available=_memory_available(),
                      native_bf16="amx_bf16" in flags or "avx512_bf16" in flags,
@@ -154,8 +182,14 @@ def host_device(probe: HostProbe, train_peaks: dict[str, float] | None = None) -
     train_peaks: GEMM peaks per training precision measured with the training framework (tandem.train.memory)."""
     how = "measured by tandem.hardware.probe on this machine"
     peaks = {"fp32": {"value": probe.fp32_flops, "source": f"{how}: NumPy float32 GEMM (n=512, 1024), best run"}}
+    min_depth = {}
     if probe.int8_ops:
-        peaks["int8"] = {"value": probe.int8_ops, "source": f"{how}: ONNX Runtime MatMulInteger (n=512), best run"}
+        peaks["int8"] = {"value": probe.int8_ops,
+                         "source": f"{how}: ONNX Runtime QLinearConv 3x3, 32 to 32 channels on 14x14, best run"}
+        if probe.int8_min_depth:
+            min_depth["int8"] = {"value": probe.int8_min_depth,
+                                 "source": f"{how}: ONNX Runtime QLinearConv 3x3 of 1 channel (depth 9) against "
+                                           "the 32-channel rate, best runs"}
     for precision, value in (train_peaks or {}).items():
         peaks[precision] = {"value": value, "source": f"{how}: PyTorch {precision} GEMM (n=512, 1024), best run"}
     train = [p for p in ("fp32", "bf16") if p in peaks] if train_peaks else ["fp32"]
@@ -166,6 +200,7 @@ def host_device(probe: HostProbe, train_peaks: dict[str, float] | None = None) -
         "precisions": [p for p in ("fp32", "int8") if p in peaks],
         "train_precisions": train,
         "peak_ops": peaks,
+        "min_depth": min_depth,
         "memory_bandwidth": {"value": probe.copy_bandwidth, "source": f"{how}: NumPy copy of 128 MiB, best run"},
         "memory": {"value": max(1, probe.memory_available), "source": f"{how}: MemAvailable in /proc/meminfo"},
         "runtime_overhead": {"value": 60e6, "source": "measured RSS of Python + NumPy + ONNX Runtime with a bundle"},
