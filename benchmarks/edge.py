@@ -13,8 +13,13 @@ runtime (Predictor, uint8 pixels in) on the run's whole test split, and `tandem 
 at once (the runtime's `streams`), cold start and peak RSS of
 fresh processes, and the model files' sizes.
 
+Then the planner (tandem.hardware.plan) against this machine: its host estimate beside the measured time, for
+inference (fp32 and int8, batches 1 and 64, the bundle through the runtime) and training (a real step of the
+bundle's config, in fp32 and, where the CPU has native bf16, bf16).
+
 Targets: int8 accuracy drop <= 0.3 pp (test split); int8 batch-1 median latency <= 0.8x fp32's;
-int8 offline throughput >= 1.8x fp32's; int8 model file <= 0.3x fp32's.
+int8 offline throughput >= 1.8x fp32's; int8 model file <= 0.3x fp32's; every host estimate within 2x of
+measured (the factor between them, max(m/p, p/m), <= 2).
 """
 
 from __future__ import annotations
@@ -137,7 +142,13 @@ def run(args, bundle: Path) -> None:
         Target("int8/fp32 offline throughput", throughput[1] / throughput[0], 1.8, higher_is_better=True),
         Target("int8/fp32 model file size", size[1] / size[0], 0.3, higher_is_better=False),
     ]
-    details = {"bundle": str(bundle), "bench": bench, "export_int8": gates}
+    planner = planner_rows(bundle, manifest)
+    for name, predicted, measured in planner:
+        off = max(measured / predicted, predicted / measured)
+        rows.append([f"planner: {name} (ms)", predicted * 1e3, measured * 1e3, f"measured/predicted {measured / predicted:.2f}"])
+        targets.append(Target(f"planner {name}: factor off", off, 2.0, higher_is_better=False))
+    details = {"bundle": str(bundle), "bench": bench, "export_int8": gates,
+               "planner": [{"what": n, "predicted_s": p, "measured_s": m} for n, p, m in planner]}
     passed = report(f"int8 vs fp32, bundle {bundle} (ONNX Runtime {bench['machine']['onnxruntime']})",
                     ["measure", "fp32", "int8", "int8/fp32"], rows, targets, args.json, details)
     if not args.json:
@@ -147,6 +158,28 @@ def run(args, bundle: Path) -> None:
               f"accuracy on {len(fp32_answers)} test images")
     if not passed:
         raise SystemExit(1)  # a missed target fails the run
+
+
+def planner_rows(bundle: Path, manifest: dict) -> list[tuple[str, float, float]]:
+    """(what, predicted seconds, measured median seconds) of `tandem plan`'s host rows: inference of the bundle at
+    batches 1 and 64 in fp32 and int8, and a training step of its config at its batch size."""
+    from tandem.config import TrainConfig
+    from tandem.hardware.plan import plan_inference, plan_training
+
+    out = []
+    for batch in (1, 64):
+        print(f"planner: host inference at batch {batch}, estimated and measured ...", file=sys.stderr, flush=True)
+        plan = plan_inference(bundle, [], ["fp32", "int8"], batch=batch, seconds=2.0)
+        out += [(f"inference {m['precision']} batch {batch}", m["predicted_s"], m["median_s"]) for m in plan["measured"]]
+    cfg = TrainConfig.model_validate(manifest["config"])
+    from tandem.hardware.probe import probe_host
+
+    for precision in ["fp32", "bf16"] if probe_host().native_bf16 else ["fp32"]:
+        print(f"planner: host training step in {precision}, estimated and measured ...", file=sys.stderr, flush=True)
+        plan = plan_training(cfg, [], [precision], seconds=3.0)
+        out += [(f"training step {m['precision']} batch {cfg.batch_size}", m["predicted_step_s"], m["median_s"])
+                for m in plan["measured"]]
+    return out
 
 
 if __name__ == "__main__":
