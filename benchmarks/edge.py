@@ -150,7 +150,7 @@ def run(args, bundle: Path) -> None:
     details = {"bundle": str(bundle), "bench": bench, "export_int8": gates,
                "planner": [{"what": n, "predicted_s": p, "measured_s": m} for n, p, m in planner]}
     passed = report(f"int8 vs fp32, bundle {bundle} (ONNX Runtime {bench['machine']['onnxruntime']})",
-                    ["measure", "fp32", "int8", "int8/fp32"], rows, targets, args.json, details)
+                    ["measure", "fp32 (planner: predicted)", "int8 (planner: measured)", "int8/fp32"], rows, targets, args.json, details)
     if not args.json:
         threads = args.threads or "ONNX Runtime's default"
         print(f"\nthreads: {threads}; single-stream up to {args.seconds:g} s per precision, offline best of batches "

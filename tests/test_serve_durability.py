@@ -173,15 +173,17 @@ def test_fuzzed_images_never_get_a_5xx(fuzz_client, data, content_type):
     png = _pngs(1)[0]
     for body in (data, png[:len(data) % len(png)] + data, b"--x\r\nContent-Disposition: form-data; name=\"image\"; "
                  b"filename=\"a\"\r\n\r\n" + data + b"\r\n--x--\r\n"):
-        response = fuzz_client.post("/v1/models/animals/classify", content=body, headers={"Content-Type": content_type})
-        assert response.status_code < 500, response.text
+        for url in ("/v1/models/animals/classify", "/v2/models/animals/explain"):
+            response = fuzz_client.post(url, content=body, headers={"Content-Type": content_type})
+            assert response.status_code < 500, response.text
 
 
 def test_every_documented_operation_answers_without_a_5xx(fuzz_client):
     """Walk the OpenAPI document: each operation, with the path parameters filled in, empty and junk bodies."""
     spec = fuzz_client.get("/openapi.json").json()
     assert {"/v1/models/{model}/classify", "/v1/models/{model}/feedback", "/v1/feedback"} <= set(spec["paths"])
-    fills = {"model": ["animals", "zebra", "..", "a" * 80], "version": ["1", "0", "x", "99"], "feedback_id": ["1", "x"]}
+    fills = {"model": ["animals", "zebra", "..", "a" * 80], "version": ["1", "0", "x", "99"], "feedback_id": ["1", "x"],
+             "concept": ["0", "x", "-1", "99"]}
     for path, operations in spec["paths"].items():
         for method in operations:
             names = [p.strip("{}") for p in path.split("/") if p.startswith("{")]

@@ -275,3 +275,82 @@ def test_a_protected_server_needs_the_token_typed_in(repo, tmp_path, animal_png,
         expect(page.locator("#model")).to_have_value("animals")
         expect(error).to_be_hidden()
         watched.check(base, expected_statuses={401})
+
+
+def test_the_heatmap_and_the_rule_path_show_under_the_top_5_bars(tiny_bundle, tmp_path, animal_png, open_page):
+    from playwright.sync_api import expect
+
+    from tandem.explain.occlusion import occlusion
+    from tandem.explain.rules import RuleSet
+    from test_serve_explain import bundle_with_rules
+
+    # "animals" has rules (fit as `tandem rules` does); "plain" is the same network without them.
+    repo = make_repo(tmp_path / "repo", bundle_with_rules(tiny_bundle, tmp_path / "with-rules"))
+    make_repo(repo, tiny_bundle, name="plain")
+    fp32 = Predictor.load(tiny_bundle, precision="fp32")
+    pixels = fp32.pixels([animal_png])
+    expected = occlusion(fp32, pixels[0])
+    rules = RuleSet.load(repo / "animals" / "1")
+    path = rules.explain(pixels)[0]
+    with running_server(repo, {"store": {"url": f"sqlite:///{tmp_path}/db.sqlite"}}) as base:
+        watched = open_page(base)
+        page = watched.page
+        expect(page.locator("#model")).to_have_value("animals")
+        page.set_input_files("#file", str(animal_png))
+        bars = page.locator("#results .bar")
+        expect(bars).to_have_count(5)
+        why = page.locator("#why")
+        expect(page.locator("#why-body")).to_be_visible()
+        label = fp32.labels[expected.target]
+        expect(page.locator("#why-heading")).to_have_text(f"Why {label}?")
+        caption = page.locator("#why-caption")
+        expect(caption).to_contain_text(f"{100 * expected.probabilities[expected.target]:.1f}%")
+        expect(caption).to_contain_text("169 covered copies (a 4 px window every 2 px)")
+        # The heatmap is drawn, right over the image the model saw, and all of it under the bars.
+        image, heatmap = page.locator("#why-image"), page.locator("#why-heatmap")
+        for img in (image, heatmap):
+            assert img.evaluate("i => i.complete && i.naturalWidth > 0"), "an image of the explanation did not load"
+        assert heatmap.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [224, 224]
+        assert image.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [28, 28]
+        box, over = image.bounding_box(), heatmap.bounding_box()
+        assert box["width"] > 100 and all(abs(box[k] - over[k]) < 0.5 for k in box)
+        last_bar = bars.nth(4).bounding_box()
+        assert why.bounding_box()["y"] >= last_bar["y"] + last_bar["height"]
+        # It is the server's heatmap, and the server's is the runtime's occlusion (tests/test_serve_explain.py).
+        answer = httpx.post(f"{base}/v2/models/animals/versions/1/explain", content=animal_png.read_bytes(), timeout=30)
+        assert heatmap.get_attribute("src") == "data:image/png;base64," + answer.json()["heatmap"]["png_base64"]
+        page.uncheck("#why-toggle")
+        expect(heatmap).to_be_hidden()
+        page.check("#why-toggle")
+        expect(heatmap).to_be_visible()
+
+        # The rule path: RuleSet.explain's sentence, each condition with its concept's prototype strip (the very
+        # bytes in the bundle, fetched with the page's token), and how far to trust it (the rules' fidelity).
+        expect(page.locator("#rule-text")).to_have_text("Rule path: " + path["text"])
+        conditions = page.locator("#rule-conditions li")
+        expect(conditions).to_have_count(len(path["conditions"]))
+        for i, condition in enumerate(path["conditions"]):
+            item = conditions.nth(i)
+            assert item.get_attribute("data-concept") == str(condition["concept"])
+            expect(item).to_contain_text(f"concept {condition['concept']} ({condition['name']}) is "
+                                         f"{'high' if condition['op'] == '>' else 'low'}")
+            strip = item.locator("img")
+            expect(strip).to_have_attribute("src", re.compile(r"^blob:"))
+            page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=strip.element_handle())
+            shown = strip.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+            assert shown == list(Image.open(io.BytesIO(rules.prototype_png(condition["concept"]))).size)
+        trust = page.locator("#rule-trust")
+        expect(trust).to_contain_text(f"agree with the network on {100 * rules.fidelity:.1f}% of its test images")
+        if not path["agrees"]:
+            expect(trust).to_contain_text(f"the rules say {path['label']}, the network {path['network_label']}")
+        expect(page.locator("#rules-none")).to_be_hidden()
+
+        # The same network without rules: the page says so and why, instead of a rule path.
+        page.select_option("#model", "plain")
+        again = tmp_path / "again.png"  # another file: picking the same one again is no change to the input
+        again.write_bytes(animal_png.read_bytes())
+        page.set_input_files("#file", str(again))
+        expect(page.locator("#rules-none")).to_contain_text("No rule path: model plain version 1 has no rules")
+        expect(page.locator("#rule-path")).to_be_hidden()
+        expect(page.locator("#why-heading")).to_have_text(f"Why {label}?")
+        watched.check(base)

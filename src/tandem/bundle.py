@@ -48,19 +48,30 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name beside it, fsync, rename: a reader (or a crash) sees the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_manifest(folder: str | Path, manifest: dict) -> dict:
-    """Hash every file in the folder into manifest['files'] and write manifest.json (fsynced)."""
+    """Hash every file in the folder into manifest['files'] and write manifest.json (atomically, fsynced)."""
     folder = Path(folder)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
-    # Not the manifest (it cannot hold its own hash), nor the signature (made after the manifest, covering it).
-    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    # Not the manifest (it cannot hold its own hash), nor the signature (made after the manifest, covering it),
+    # nor a temporary file of write_bytes_atomic.
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and not re.match(r"\..*\.tmp-\d+$", p.name))
     manifest["files"] = {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
                          for name in names if name not in (MANIFEST, SIGNATURE)}
-    with open(folder / MANIFEST, "w") as handle:
-        json.dump(manifest, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_bytes_atomic(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 

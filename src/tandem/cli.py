@@ -8,6 +8,8 @@
     tandem inspect BUNDLE [--json]            per layer: parameters, MACs, FLOPs, weight bytes, activations
     tandem plan BUNDLE [--device NAME,...] [--json]   which device it fits, how fast, at what energy
     tandem plan --train [CONFIG.yaml] [key=value ...] [--device ...]   could a device train it
+    tandem explain BUNDLE IMAGE... [--method ig|gradcam|occlusion] [--out DIR]   heatmaps   or   --evaluate (faithfulness)
+    tandem rules BUNDLE [--max-leaves N] [--json] [--out DIR]   or   --explain IMAGE...   IF-THEN rules, their fidelity
     tandem config                             every config key with its default
     tandem keygen KEY.pem PUBLIC.pem          a key pair for signed bundles
     tandem serve REPO [--port P] [--config serve.yaml]   the Open Inference Protocol server
@@ -449,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     from tandem.hardware.commands import register  # inspect, plan (torch-free; plan --train imports the training side)
 
     register(sub)
+
+    from tandem.explain.commands import register as register_explain  # explain (occlusion torch-free; ig, gradcam torch)
+    from tandem.explain.rules_commands import register as register_rules  # rules (--show, --explain torch-free)
+
+    register_explain(sub)
+    register_rules(sub)
 
     p = sub.add_parser("serve", help="serve a model repository over HTTP (Open Inference Protocol v2)",
                        description="Serve REPO/<model>/<version>/ bundles over the Open Inference Protocol v2 "

@@ -7,15 +7,19 @@
 
 Endpoints: /v2/... (the protocol, with the binary tensor extension, classification and the model
 repository extension), /v1/models, /v1/models/{m}/classify and /feedback, /v1/feedback (admin), /metrics,
-and the web page at /. The OpenAPI document is at /openapi.json (no browsable /docs: it would load its
-script from a CDN, on the origin where the web page keeps its token). Every error is
+/v2/models/{m}[/versions/{v}]/explain (an occlusion heatmap and the rule path of one image) and
+/v2/models/{m}[/versions/{v}]/concepts/{c} (a concept's prototype strip, a PNG), and the web page at /.
+The OpenAPI document is at /openapi.json (no browsable /docs: it would load its script from a CDN, on
+the origin where the web page keeps its token). Every error is
 {"error": "..."} with a 4xx status (503 when a model cannot run now, 504 past the request timeout).
-Inference runs off the event loop, in each model version's own thread. Never imports torch.
+Inference runs off the event loop, in each model version's own thread; explanations in worker threads, at most
+explain.max_concurrent at once. Never imports torch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import os
 import hashlib
@@ -30,10 +34,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Annotated, Any, AsyncIterator, Callable
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,8 +50,8 @@ from tandem.runtime.predictor import softmax
 from tandem.runtime.preprocess import preprocess
 from tandem.serve.config import ServeConfig, check_model_name, tokens
 from tandem.serve.metrics import CONTENT_TYPE_LATEST, Metrics
-from tandem.serve.protocol import (HEADER_LENGTH, NotFound, ProtocolError, decompress, encode_infer, json_object,
-                                   parse_infer)
+from tandem.serve.protocol import (HEADER_LENGTH, NotFound, ProtocolError, Unavailable, decompress, encode_infer,
+                                   json_object, parse_infer)
 from tandem.serve.repository import ModelVersion, Repository, parse_version
 from tandem.serve.store import NotFound as UnknownPrediction
 from tandem.serve.store import PredictionRecord, Store, StoreError
@@ -57,6 +61,13 @@ _timeout = getattr(asyncio, "timeout", None)
 _JSON_LIMIT = 1 << 16  # feedback and repository requests are small
 _OFF_LOOP_BYTES = 1 << 16  # bigger infer bodies are parsed in a thread, not on the event loop
 _STORED_TOP_K = 5
+_EXPLAIN_OFF = "explanations are off on this server (explain.enabled is false in its serve config)"
+# The explain endpoints' query parameters (module level: FastAPI resolves the annotations in the module's names).
+Window = Annotated[int | None, Query(description="occlusion window, in pixels of the model's input (default: about "
+                                                 "a seventh of its side, 4 at 28)")]
+Stride = Annotated[int | None, Query(description="occlusion stride, 1 to window (default: half the window)")]
+Target = Annotated[str | None, Query(description="the class to explain, a label or an index (default: the "
+                                                 "predicted class)")]
 
 
 class AuthError(ProtocolError):
@@ -92,6 +103,8 @@ class Server:
         self.limits = config.limits
         self.access_log = _access_log(config.access_log)
         self.big_bodies = asyncio.Semaphore(2)  # large bodies parsed at once: bounds the memory they take
+        self.explain_slots = asyncio.Semaphore(config.explain.max_concurrent)
+        self.explain_waiting = 0
         page = resources.files("tandem.serve").joinpath("static/index.html")
         self.page = page.read_bytes() if page.is_file() else None
 
@@ -220,6 +233,35 @@ class Server:
             self.repository.release(model)
         return encode_infer(model.name, model.version, parsed, result.output, model.labels,
                             {"prediction_ids": ",".join(result.extra)})
+
+    async def explain_off_loop(self, model: ModelVersion, work: Callable, *args):
+        """work(*args) in a worker thread, in one of the explain slots. The slot and the model version stay held
+        until the thread ends, even when the request times out first: a thread cannot be stopped, and the slots
+        are what bounds the cores explanations take from inference."""
+        if self.explain_slots.locked() and self.explain_waiting >= self.config.explain.max_waiting:
+            raise Unavailable(f"{self.explain_waiting} explanations are waiting for their turn already "
+                              "(explain.max_waiting); retry later")
+        self.explain_waiting += 1
+        try:
+            await self.explain_slots.acquire()
+        finally:
+            self.explain_waiting -= 1
+        self.repository.hold(model)
+        try:
+            future = asyncio.get_running_loop().run_in_executor(None, work, *args)
+        except BaseException:
+            self.explain_slots.release()
+            self.repository.release(model)
+            raise
+
+        def done(finished: asyncio.Future) -> None:
+            self.explain_slots.release()
+            self.repository.release(model)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: the request that timed out has answered already
+
+        future.add_done_callback(done)
+        return await asyncio.shield(future)
 
     async def _read_and_infer(self, scope: dict, receive, headers: Headers, name: str, version: int | None):
         body = await self.body(headers, _chunks(receive))  # within the timeout: a slow sender gets a 504 too
@@ -478,6 +520,88 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
             raise ProtocolError("the multipart body holds no file; send the image in the field 'image'")
         return await upload.read()
 
+    # -- explanations ------------------------------------------------------------------------------------------
+    explain_extra = {**classify_body, "responses": {"200": {
+        "description": "the occlusion heatmap of the image (fp32 model, through the runtime) and its rule path",
+        "content": {"application/json": {"schema": _EXPLAIN_SCHEMA}}}}}
+
+    @app.post("/v2/models/{model}/explain", tags=ours, openapi_extra=explain_extra,
+              summary="why: one encoded image's occlusion heatmap and rule path (latest version)")
+    async def explain_latest(request: Request, model: str, window: Window = None, stride: Stride = None,
+                             target: Target = None) -> Response:
+        return await server.with_timeout(_explain(request, model, None, window, stride, target))
+
+    @app.post("/v2/models/{model}/versions/{version}/explain", tags=ours, openapi_extra=explain_extra,
+              summary="why: one encoded image's occlusion heatmap and rule path (one version)")
+    async def explain_version(request: Request, model: str, version: str, window: Window = None,
+                              stride: Stride = None, target: Target = None) -> Response:
+        return await server.with_timeout(_explain(request, model, parse_version(version), window, stride, target))
+
+    async def _explain(request: Request, name: str, version: int | None, window: int | None, stride: int | None,
+                       target: str | None) -> Response:
+        server.check(request.headers)
+        started = time.perf_counter()
+        settings = server.config.explain
+        if not settings.enabled:
+            raise ProtocolError(_EXPLAIN_OFF, 403)
+        limit = min(settings.max_image_bytes, limits.max_body_bytes)
+        try:
+            data = await server.request_body(request, limit)
+        except ProtocolError as err:
+            if err.status != 413:
+                raise
+            key = "explain.max_image_bytes" if limit == settings.max_image_bytes else "limits.max_body_bytes"
+            raise ProtocolError(f"the image is larger than this server explains ({limit} bytes: {key}); send a "
+                                "smaller image", 413) from None
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            data = await _form_image(request)
+        model = server.acquire(request.scope, name, version)
+        try:
+            p = model.predictor
+            window, stride, windows = _occlusion_window(p.image_size, window, stride, settings.max_windows)
+            index = _target_index(model.labels, target)
+            try:
+                pixels, _ = await asyncio.to_thread(decode_image_bytes, data, p.image_size, p.channels, p.resize,
+                                                    min(limits.max_image_pixels, settings.max_image_pixels))
+            except UserError as err:
+                raise ProtocolError(str(err)) from None
+
+            def observe(part: str, seconds: float) -> None:
+                server.metrics.observe_explain(model.name, model.version, part, seconds)
+
+            body = await server.explain_off_loop(model, _explain_image, model, pixels, index, window, stride, windows,
+                                                 started, observe)
+        finally:
+            repo.release(model)
+        return Response(body, 200, media_type="application/json")
+
+    png_response = {"response_class": Response, "responses": {200: {
+        "description": "a PNG", "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}}}
+
+    @app.get("/v2/models/{model}/concepts/{concept}", tags=ours, **png_response,
+             summary="a concept's prototype strip: the training images that show it most (latest version)")
+    async def prototype_latest(request: Request, model: str, concept: int) -> Response:
+        return await server.with_timeout(_prototype(request, model, None, concept))
+
+    @app.get("/v2/models/{model}/versions/{version}/concepts/{concept}", tags=ours, **png_response,
+             summary="a concept's prototype strip: the training images that show it most (one version)")
+    async def prototype_version(request: Request, model: str, version: str, concept: int) -> Response:
+        return await server.with_timeout(_prototype(request, model, parse_version(version), concept))
+
+    async def _prototype(request: Request, name: str, version: int | None, concept: int) -> Response:
+        server.check(request.headers)
+        if not server.config.explain.enabled:
+            raise ProtocolError(_EXPLAIN_OFF, 403)
+        model = server.acquire(request.scope, name, version)
+        try:
+            rules, reason = await asyncio.to_thread(model.rules)
+            if rules is None:
+                raise NotFound(reason)
+            png = await asyncio.to_thread(_prototype_png, rules, concept, model)
+        finally:
+            repo.release(model)
+        return Response(png, 200, media_type="image/png")
+
     feedback_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
         "type": "object", "required": ["prediction_id", "label"],
         "properties": {"prediction_id": {"type": "string"}, "label": {"type": "string"}}}}}}}
@@ -532,6 +656,125 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         if server.page is None:
             raise NotFound("the web page is not installed with this tandem")
         return Response(server.page, 200, media_type="text/html; charset=utf-8")
+
+
+# -- explanations ----------------------------------------------------------------------------------------------------
+
+def _occlusion_window(size: int, window: int | None, stride: int | None, max_windows: int) -> tuple[int, int, int]:
+    """(window, stride, occluded copies) for the query's window and stride; the defaults scale with the image."""
+    from tandem.explain.occlusion import check_window, window_for
+
+    if window is None:
+        window = min(size, max(window_for(size)[0], stride or 1))
+    if stride is None:
+        stride = max(1, window // 2)
+    try:
+        windows = check_window(size, size, window, stride)
+    except UserError as err:
+        raise ProtocolError(f"{err} (query parameters window and stride)") from None
+    if windows > max_windows:
+        suggested = window_for(size)
+        raise ProtocolError(f"window {window} and stride {stride} make {windows:,} occluded copies of the image, more "
+                            f"than this server computes ({max_windows:,}: explain.max_windows); use a larger window or "
+                            f"stride, e.g. window={suggested[0]}&stride={suggested[1]}")
+    return window, stride, windows
+
+
+def _target_index(labels: list[str], target: str | None) -> int | None:
+    if target is None:
+        return None
+    if target in labels:
+        return labels.index(target)
+    if target.isdigit() and int(target) < len(labels):
+        return int(target)
+    shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
+    raise ProtocolError(f"target {target[:64]!r} is neither a label of this model nor a class index from 0 to "
+                        f"{len(labels) - 1}; labels: {shown}")
+
+
+def _explain_image(model: ModelVersion, pixels: np.ndarray, target: int | None, window: int, stride: int,
+                   windows: int, arrived: float, observe: Callable[[str, float], None]) -> bytes:
+    """In a worker thread: one image's occlusion map (the version's fp32 model) and its rule path, as JSON."""
+    from tandem.explain.occlusion import occlusion
+    from tandem.explain.render import heatmap_png
+
+    predictor = model.fp32_predictor()
+    started = time.perf_counter()
+    found = occlusion(predictor, pixels, target, window, stride)
+    if not (np.isfinite(found.heatmap).all() and np.isfinite(found.probabilities).all()):
+        raise ProtocolError(f"model {model.name} version {model.version} gives NaN or infinity for this image; "
+                            "it cannot be explained")
+    scale = max(1, -(-224 // max(found.heatmap.shape)))  # a PNG of about 224 pixels or more: smooth in the page
+    heatmap = base64.b64encode(heatmap_png(found.heatmap, scale)).decode()
+    occluded = time.perf_counter()
+    observe("occlusion", occluded - started)
+    rules, reason = model.rules()
+    path = None
+    if rules is not None:
+        path = rules.explain(pixels[None])[0]
+        for condition in path["conditions"]:
+            condition["prototype_url"] = (f"/v2/models/{model.name}/versions/{model.version}/concepts/"
+                                          f"{int(condition['concept'])}")
+        observe("rules", time.perf_counter() - occluded)
+    ended = time.perf_counter()
+    probs, labels = found.probabilities, predictor.labels
+    order = np.argsort(-probs, kind="stable")[:min(_STORED_TOP_K, len(probs))]
+    answer = {"model": model.name, "version": model.version, "precision": predictor.precision,
+              "image": {"shape": list(pixels.shape), "png_base64": base64.b64encode(_png(pixels)).decode()},
+              "top_k": [{"label": labels[j], "index": int(j), "probability": float(probs[j])} for j in order],
+              "heatmap": {"method": "occlusion", "target": found.target, "label": labels[found.target],
+                          "probability": float(probs[found.target]), "window": found.window, "stride": found.stride,
+                          "windows": windows, "shape": list(found.heatmap.shape), "values": found.heatmap.tolist(),
+                          "png_base64": heatmap},
+              "rules": path, "rules_reason": reason,
+              "latency_ms": {"occlusion": round((occluded - started) * 1e3, 3),
+                             "rules": round((ended - occluded) * 1e3, 3),
+                             "total": round((time.perf_counter() - arrived) * 1e3, 3)}}
+    return json.dumps(answer, separators=(",", ":"), default=_plain).encode()
+
+
+def _prototype_png(rules: Any, concept: int, model: ModelVersion) -> bytes:
+    try:
+        return rules.prototype_png(concept)
+    except UserError as err:
+        raise NotFound(f"model {model.name} version {model.version}: {str(err).splitlines()[0]}") from None
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    """uint8 (H, W, C) as a PNG: the image as the model saw it, under the heatmap."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _plain(value: Any) -> Any:
+    """json.dumps' fallback for NumPy scalars and arrays in a rule path."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+_EXPLAIN_SCHEMA = {"type": "object", "properties": {
+    "model": {"type": "string"}, "version": {"type": "integer"},
+    "precision": {"type": "string", "description": "the model that explained: always fp32 (model.onnx)"},
+    "image": {"type": "object", "description": "the image as the model saw it (its input size), as a PNG",
+              "properties": {"shape": {"type": "array", "items": {"type": "integer"}},
+                             "png_base64": {"type": "string"}}},
+    "top_k": {"type": "array", "items": {"type": "object", "properties": {
+        "label": {"type": "string"}, "index": {"type": "integer"}, "probability": {"type": "number"}}}},
+    "heatmap": {"type": "object", "description": "occlusion: each pixel's mean drop of the target's probability "
+                                                 "when a window over it is black", "properties": {
+        "method": {"type": "string"}, "target": {"type": "integer"}, "label": {"type": "string"},
+        "probability": {"type": "number"}, "window": {"type": "integer"}, "stride": {"type": "integer"},
+        "windows": {"type": "integer"}, "shape": {"type": "array", "items": {"type": "integer"}},
+        "values": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+        "png_base64": {"type": "string", "description": "RGBA PNG to lay over the image"}}},
+    "rules": {"type": ["object", "null"], "description": "the rule path (label, conditions with prototype_url, "
+                                                         "text, agrees, fidelity); null when the bundle has no rules"},
+    "rules_reason": {"type": ["string", "null"], "description": "why rules is null"},
+    "latency_ms": {"type": "object"}}}
 
 
 # -- errors and the access log ----------------------------------------------------------------------------------------
@@ -690,7 +933,7 @@ def create_app(repo: str | Path, config: ServeConfig | None = None, log: Callabl
 
     app = _App(title="tandem serve", version=tandem.__version__, lifespan=lifespan, redoc_url=None, docs_url=None,
                   description="Open Inference Protocol v2 (KServe v2, Triton) over a repository of tandem bundles, "
-                              "plus images in, labels out, feedback, and metrics.")
+                              "plus images in, labels out, explanations, feedback, and metrics.")
     app.state.server = server
     _routes(app, server)
     app.openapi = lambda: _openapi(app)

@@ -9,6 +9,7 @@
     models:
       animals: {versions: latest, batching: {max_batch_size: 128}}
     store: {url: "postgresql://tandem@db:5432/tandem"}
+    explain: {max_concurrent: 1}    # POST /v2/models/<m>/explain: occlusion heatmaps and rule paths
 
 `tandem serve --help-config` lists every key with its default and meaning.
 """
@@ -54,6 +55,17 @@ class LimitsConfig(_Section):
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets a 504")
     max_image_pixels: int = Field(40_000_000, ge=1024, description="largest image (width x height) decoded")
     max_images_per_request: int = Field(1024, ge=1, description="largest batch one infer request may carry")
+
+
+class ExplainConfig(_Section):
+    enabled: bool = Field(True, description="POST /v2/models/<m>/explain: an occlusion heatmap and the rule path "
+                                            "of one image (off: 403)")
+    max_image_bytes: int = Field(4 << 20, ge=1024, description="largest image an explain request may send (413 above)")
+    max_image_pixels: int = Field(4_000_000, ge=1024, description="largest image (width x height) decoded to explain")
+    max_windows: int = Field(1024, ge=1, description="most occluded copies of one image (window positions; "
+                                                     "tandem.explain.occlusion.MAX_OCCLUDED caps it too)")
+    max_concurrent: int = Field(1, ge=1, le=64, description="explanations computed at once (the others wait their turn)")
+    max_waiting: int = Field(16, ge=0, description="explanations waiting for their turn; beyond that, 503")
 
 
 class BatchingConfig(_Section):
@@ -107,6 +119,7 @@ class ServeConfig(_Section):
     batching: BatchingConfig = BatchingConfig()
     models: dict[str, ModelSettings] = Field(default_factory=dict, description="per-model settings")
     store: StoreConfig = StoreConfig()
+    explain: ExplainConfig = ExplainConfig()
     access_log: str = Field("-", description="'-': one JSON line per request on stderr; a file path; or 'off'")
 
     def model(self, name: str) -> ModelSettings:

@@ -7,6 +7,7 @@
     tandem_compute_seconds{model, version}                     the batch's run, per request
     tandem_batch_size{model, version}                          images per run of the model
     tandem_store_seconds{model, version}                       waiting for the prediction log's commit
+    tandem_explain_seconds{model, version, part}               an explanation's work: occlusion, rules
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Metrics:
                                ["model", "version"], buckets=_LATENCY, registry=r)
         self.batch_size = Histogram("tandem_batch_size", "Images per run of the model", ["model", "version"],
                                     buckets=_BATCH, registry=r)
+        self.explain = Histogram("tandem_explain_seconds", "Time an explanation's parts took (occlusion, rules)",
+                                 ["model", "version", "part"], buckets=_LATENCY, registry=r)
         self.loaded = Gauge("tandem_model_loaded", "1 while a model version is loaded", ["model", "version"], registry=r)
         self._children: dict = {}
 
@@ -58,6 +61,9 @@ class Metrics:
     def observe_run(self, model: str, version: int, queue_s: float, compute_s: float) -> None:
         self.child(self.queue, model, str(version)).observe(queue_s)
         self.child(self.compute, model, str(version)).observe(compute_s)
+
+    def observe_explain(self, model: str, version: int, part: str, seconds: float) -> None:
+        self.child(self.explain, model, str(version), part).observe(seconds)
 
     def set_loaded(self, loaded: dict) -> None:
         """tandem_model_loaded from the repository's table {model: {version: ...}}, after each load or unload."""

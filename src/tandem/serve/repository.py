@@ -14,13 +14,15 @@ keep serving; only then does the routing table switch, in one step on the event 
 leaves the table finishes the requests it holds before its model thread stops. A bundle that fails
 (tampered, broken, wrong files) leaves the current versions serving and the load fails with the reason.
 The layout is Triton's (REPO/<model>/config.pbtxt beside the version folders), so Triton or KServe can
-serve the same folder. Torch-free.
+serve the same folder. What explanations need (the fp32 model, the bundle's rules) is loaded once per version, on
+its first explanation, from the files its manifest hashes, and goes with the version. Torch-free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,16 +60,40 @@ class ModelVersion:
     in_flight: int = 0
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     close_timeout: float = 30.0  # on retire, how long batches still committing may take
+    threads: int = 0  # ONNX Runtime threads for the fp32 model opened to explain (0: one per core)
+    _explaining: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _fp32: object | None = field(default=None, repr=False)
+    _rules: tuple | None = field(default=None, repr=False)
 
     @property
     def labels(self) -> list[str]:
         return self.predictor.labels
+
+    def fp32_predictor(self) -> object:
+        """The fp32 model, what explanations run on whatever precision serves (an int8 model's probabilities
+        move in coarse steps, and occlusion measures small drops in them). Opened on first use, in the calling
+        worker thread, from the very model.onnx this version's manifest hashes; then kept with the version."""
+        if self.predictor.precision == "fp32":
+            return self.predictor
+        with self._explaining:
+            if self._fp32 is None:
+                self._fp32 = _open_fp32(self.name, self.version, self.path, self.manifest, self.threads)
+            return self._fp32
+
+    def rules(self) -> tuple[object | None, str | None]:
+        """(the bundle's RuleSet, None), or (None, why there is none): loaded once, on first use, in the calling
+        worker thread, every file checked against this version's manifest; then kept with the version."""
+        with self._explaining:
+            if self._rules is None:
+                self._rules = _load_rules(self.name, self.version, self.path, self.manifest)
+            return self._rules
 
     async def retire(self) -> None:
         """Out of the routing table already: wait for the requests it holds, then stop its thread."""
         if self.in_flight:
             await self.drained.wait()
         await self.batcher.close(self.close_timeout)
+        self._fp32 = self._rules = None  # what explaining loaded goes with the version (no lock: not on the loop)
 
 
 def _open_version(path: Path, threads: int, warm_sizes: tuple[int, ...],
@@ -86,6 +112,34 @@ def _open_version(path: Path, threads: int, warm_sizes: tuple[int, ...],
         predictor.session.run(None, {spec.input_name: np.zeros((n, *spec.input_shape), np.float32)})
     digest = hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
     return predictor, manifest, digest, spec
+
+
+def _open_fp32(name: str, version: int, path: Path, manifest: dict, threads: int) -> object:
+    """A version served in int8: its fp32 model, checked against the manifest the version was loaded with."""
+    from tandem.runtime import Predictor
+
+    try:
+        predictor = Predictor.load(path, verify=False, threads=threads or None, precision="fp32")
+    except UserError as err:
+        raise Unavailable(f"model {name} version {version}: its fp32 model cannot be opened to explain ({err}); "
+                          "reload the model") from None
+    if predictor.manifest != manifest:  # the manifest holds model.onnx's hash: equal, it is this version's model
+        raise Unavailable(f"model {name} version {version} changed on disk since it was loaded; reload it "
+                          f"(POST /v2/repository/models/{name}/load) to explain with it")
+    return predictor
+
+
+def _load_rules(name: str, version: int, path: Path, manifest: dict) -> tuple[object | None, str | None]:
+    from tandem.explain.rules import RULES_FILE, RuleSet
+
+    try:
+        rules = RuleSet.load(path, manifest)
+    except UserError as err:
+        return None, f"model {name} version {version}: its {RULES_FILE} cannot be used ({str(err).splitlines()[0]})"
+    if rules is None:
+        return None, (f"model {name} version {version} has no rules (its bundle lists no {RULES_FILE}); extract them "
+                      f"with `tandem rules {Path(path.parent.parent.name, name, str(version))}`, then reload the model")
+    return rules, None
 
 
 class Repository:
@@ -228,7 +282,7 @@ class Repository:
         after = self._after(name, version, predictor.labels) if self._after is not None else None
         batcher = Batcher(run, batching, f"{name}/{version}", on_batch, after)
         return ModelVersion(name, version, path, manifest, digest, predictor, spec, batcher,
-                            close_timeout=self.config.limits.request_timeout_s)
+                            close_timeout=self.config.limits.request_timeout_s, threads=self.config.threads)
 
     async def unload(self, name: str) -> None:
         check_model_name(name)
@@ -272,6 +326,12 @@ class Repository:
         found.in_flight += 1
         found.drained.clear()
         return found
+
+    @staticmethod
+    def hold(version: ModelVersion) -> None:
+        """One more hold on a version already acquired (work that may outlive its request); release() each."""
+        version.in_flight += 1
+        version.drained.clear()
 
     @staticmethod
     def release(version: ModelVersion) -> None:

@@ -1,0 +1,49 @@
+"""The images a bundle was trained and tested on, read torch-free from its manifest (config and data fingerprint).
+
+    splits = bundle_splits(bundle_dir, manifest)       # the very train / val / test split of the training run
+    pixels, labels = split_pixels(splits.test)          # uint8 (N, H, W, C) and int labels
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tandem.errors import UserError
+
+
+def bundle_splits(bundle: str | Path, manifest: dict) -> Any:
+    """The run's splits (tandem.data.stream.load_splits with the manifest's config and seed), checked against the
+    manifest's data fingerprint: a split of other images would make every figure computed on it meaningless."""
+    from pydantic import ValidationError
+
+    from tandem.config import TrainConfig
+    from tandem.data.stream import load_splits
+
+    try:
+        cfg = TrainConfig.model_validate(manifest["config"])
+    except (KeyError, TypeError, ValidationError) as err:
+        raise UserError(f"bundle {bundle}: its manifest has no readable training config ({str(err).splitlines()[0]}); "
+                        "re-export it with `tandem export`") from None
+    try:
+        splits = load_splits(cfg.data, cfg.seed)
+    except UserError as err:
+        raise UserError(f"bundle {bundle}: the data it was trained on ({cfg.data.source}) cannot be read ({err}); "
+                        "run this where that data is") from None
+    expected = (manifest.get("provenance") or {}).get("data_fingerprint")
+    if expected and splits.train.fingerprint() != expected:
+        raise UserError(f"bundle {bundle}: the images in {cfg.data.source} changed since the model was trained, so its "
+                        "test split would hold other images; run this against the data it was trained on")
+    return splits
+
+
+def split_pixels(split: Any, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images (all, or those at `index`) as uint8 (N, H, W, C), and their labels."""
+    index = np.arange(len(split.labels)) if index is None else np.asarray(index)
+    if hasattr(split, "pixels"):
+        pixels = split.pixels[index]
+    else:  # a streamed folder (tandem.data.stream.FileDataset): decoded one file at a time
+        pixels = np.stack([split.read(int(i)) for i in index])
+    return pixels, np.asarray(split.labels)[index]
