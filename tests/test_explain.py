@@ -2,6 +2,7 @@
 Captum's Occlusion for the runtime's, random orders for faithfulness, and the `tandem explain` command as run."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -182,6 +183,22 @@ def test_curves_are_computed_as_defined():
     np.testing.assert_allclose(c.deletion_auc, [np.trapezoid(c.deletion[0], c.fractions)])
 
 
+def test_a_random_curve_on_its_floor_gives_no_ratio():
+    """Where random's deletion AUC is (nearly) the floor, a ratio above the floor says nothing: None, not infinity,
+    and the report stays valid JSON."""
+    fractions = np.linspace(0, 1, 5)
+    flat = faithfulness.Curves(fractions, np.full((3, 5), 0.2), np.full((3, 5), 0.2), np.zeros(3, int))
+    falls = faithfulness.Curves(fractions, np.array([[0.9, 0.2, 0.2, 0.2, 0.2]] * 3), np.full((3, 5), 0.2),
+                                np.zeros(3, int))
+    score = faithfulness.score(falls, flat)
+    assert score.deletion_above_floor_ratio is None and score.deletion_ratio == pytest.approx(
+        falls.deletion_auc.mean() / 0.2)
+    zero = faithfulness.Curves(fractions, np.zeros((3, 5)), np.zeros((3, 5)), np.zeros(3, int))
+    assert faithfulness.score(falls, zero).deletion_ratio is None
+    report = faithfulness.Report(3, 4, 0, flat, {"m": falls}, {"m": score})
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
 # --- (4) the runtime's occlusion is Captum's ------------------------------------------------------------------
 
 
@@ -237,7 +254,7 @@ def test_pictures_show_the_map_where_it_is_and_nothing_elsewhere():
 
 def test_grad_cam_needs_a_convolution():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
-    with pytest.raises(UserError, match="--method ig or occlusion"):
+    with pytest.raises(UserError, match="explain it with ig or occlusion"):
         last_conv_block(mlp, "the mlp")
 
 
@@ -296,10 +313,19 @@ def test_explain_writes_a_picture_map_and_json_per_image(trained_bundle, photo_f
     forced = run_tandem("explain", str(trained_bundle), str(photo_folder / "a"), "--out", str(out), "--force",
                         "--target", "Dog", "--method", "occlusion", check=True)
     assert "dog" in forced.stdout and (out / "cat.occlusion.png").is_file()
+    # --out the very folder of the images: its own pictures are not inputs next time, the images are
+    folder = tmp_path / "same"
+    shutil.copytree(photo_folder / "a", folder)
+    for _ in range(2):
+        run_tandem("explain", str(trained_bundle), str(folder), "--out", str(folder), "--method", "occlusion",
+                   "--force", check=True)
+    assert sorted(f.name for f in folder.iterdir()) == ["cat.occlusion.json", "cat.occlusion.npy",
+                                                        "cat.occlusion.png", "cat.png"]
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["IMG", "--target", "unicorn"], "--target 'unicorn' is not a label of this bundle; give one of bear"),
+    (["IMG", "--target", "unicorn"], "--target 'unicorn' is not a label of this model; give one of bear"),
+    (["IMG", "--target", "²"], "--target '²' is not a label of this model"),
     (["IMG", "--method", "ig", "--window", "3"], "--window and --stride set occlusion's square"),
     (["IMG", "--limit", "5"], "--limit applies only with --evaluate"),
     (["IMG", "--evaluate"], "drop the images"),

@@ -255,6 +255,17 @@ def test_a_tampered_rules_json_is_refused(fitted, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="another model.onnx"):
         RuleSet.load(bundle)
+    # A rules.json of the wrong types (a float child, a text count), rehashed so that it verifies: refused in words.
+    for key, value in (("left", 1.0), ("test_images", "many")):
+        bad = json.loads(json.dumps(data))
+        bad["model_sha256"] = read_manifest(fitted[0])["files"]["model.onnx"]["sha256"]
+        bad["tree"][key][0] = value
+        (bundle / RULES_FILE).write_text(json.dumps(bad))
+        manifest["files"][RULES_FILE] = {"sha256": sha256_file(bundle / RULES_FILE),
+                                         "bytes": (bundle / RULES_FILE).stat().st_size}
+        (bundle / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(UserError, match="node 0"):
+            RuleSet.load(bundle)
     # A bundle whose manifest lists no rules.json has no rules, whatever lies in the folder.
     del manifest["files"][RULES_FILE]
     (bundle / "manifest.json").write_text(json.dumps(manifest))
@@ -328,8 +339,27 @@ def test_the_command_fits_stores_replaces_and_explains(tiny_bundle, tmp_path):
     out = json.loads(proc.stdout)
     assert [Path(r["path"]).name for r in out["images"]] == ["0.png", "1.png"]
     assert all(r["text"].startswith(r["label"]) for r in out["images"])
+    # An unreadable file is one line; the files after it are still explained (exit 1, as predict does).
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    proc = run_tandem("rules", str(bundle), "--explain", str(tmp_path / "bad.png"), str(tmp_path / "1.png"))
+    assert proc.returncode == 1 and "bad.png" in proc.stderr and "1.png: " in proc.stdout, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 2
     proc = run_tandem("rules", str(bundle), "--show", check=True)
     assert "if concept " in proc.stdout
+
+    # --out: a file is refused before the bundle changes; a folder holding a report needs --force, and its
+    # earlier strips go
+    stored = _listed(bundle)
+    (tmp_path / "a-file.png").write_bytes(b"x")
+    proc = run_tandem("rules", str(bundle), "--concepts", "2", "--out", str(tmp_path / "a-file.png"))
+    _one_line(proc, "is a file")
+    assert _listed(bundle) == stored
+    proc = run_tandem("rules", str(bundle), "--concepts", "2", "--no-store", "--out", str(tmp_path / "report"))
+    _one_line(proc, "already holds a report")
+    run_tandem("rules", str(bundle), "--concepts", "2", "--max-leaves", "4", "--no-store", "--force", "--out",
+               str(tmp_path / "report"), check=True)
+    assert sorted(p.name for p in (tmp_path / "report" / "concepts").iterdir()) == ["concept_0.png", "concept_1.png"]
+    assert _listed(bundle) == stored
 
 
 @pytest.mark.slow

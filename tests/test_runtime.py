@@ -194,8 +194,14 @@ def test_streams_give_the_same_answers_as_one_stream(tiny_bundle, tmp_path):
     np.testing.assert_allclose(two.run_inputs(x), one.run_inputs(x), rtol=0, atol=1e-5)
     for i, image in enumerate(images[:20]):
         Image.fromarray(image).save(tmp_path / f"{i:02d}.png")
-    assert [(p.name, r[0].index) for p, r, _ in two.predict_files([tmp_path])] == \
-        [(p.name, r[0].index) for p, r, _ in one.predict_files([tmp_path])]
+    pieces: list[int] = []
+    run = two._run
+    two._run = lambda x: pieces.append(len(x)) or run(x)  # the pieces the streams get
+    assert [(p.name, r[0].index) for p, r, _ in two.predict_files([tmp_path], workers=1)] == \
+        [(p.name, r[0].index) for p, r, _ in one.predict_files([tmp_path], workers=1)]
+    assert sorted(pieces) == [4, 8, 8], pieces  # decoded files are gathered until each stream has 8
+    with pytest.raises(UserError, match="4 streams need at least 4 threads"):
+        Predictor.load(tiny_bundle, threads=1, streams=4)
     for bad in (0, 257, 1.5):
         with pytest.raises(UserError, match="streams must be a whole number"):
             Predictor.load(tiny_bundle, streams=bad)

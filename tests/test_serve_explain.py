@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import animals
 from serving import make_repo, request, running_server
+from tandem.bundle import read_manifest
 from tandem.explain.occlusion import occlusion
 from tandem.explain.render import heatmap_png
 from tandem.runtime import Predictor
@@ -86,7 +87,7 @@ def test_the_heatmap_is_the_runtimes_occlusion_and_no_rules_say_why(repo, tmp_pa
     images, _ = animals(1)
     with running_server(repo, _config(tmp_path)) as base:
         for n, (query, window, stride, target) in enumerate([("", 4, 2, None), ("?window=7&stride=3", 7, 3, None),
-                                                               ("?window=5&target=giraffe", 5, 2, "giraffe"),
+                                                               ("?window=5&target=Giraffe", 5, 2, "giraffe"),
                                                                ("?stride=1&target=3", 4, 1, 3)]):
             png = _png(images[n])
             body, headers = _multipart(png) if n % 2 else (png, None)  # raw bytes and a form, as curl sends them
@@ -160,7 +161,8 @@ def test_the_rule_path_is_the_rule_sets_and_its_prototypes_are_served(rules_bund
             urls = [condition.pop("prototype_url") for condition in path["conditions"]]
             assert path == json.loads(json.dumps(reference)) and path["text"].startswith(path["label"] + ", because")
             for condition, url in zip(path["conditions"], urls):
-                assert url == f"/v2/models/animals/versions/1/concepts/{condition['concept']}"
+                fit = read_manifest(repo / "animals" / "1")["files"]["rules.json"]["sha256"][:12]
+                assert url == f"/v2/models/animals/versions/1/concepts/{condition['concept']}?rules={fit}"
                 status, headers, png = request(base + url)
                 assert status == 200 and png == rules.prototype_png(condition["concept"])
                 assert headers["content-type"] == "image/png"
@@ -234,12 +236,13 @@ def test_every_bad_explain_request_is_a_4xx_with_a_one_line_message(repo, tmp_pa
         ("POST", explain + "?target=unicorn", png, 400, "target"),
         ("POST", explain + "?target=10", png, 400, "target"),
         ("POST", explain + "?target=-1", png, 400, "target"),
+        ("POST", explain + "?target=%C2%B2", png, 400, "target"),  # a Unicode digit, not an index
         ("GET", explain, None, 405, "not allowed"),
         ("GET", "/v2/models/animals/concepts/x", None, 400, "concept"),
         ("GET", "/v2/models/animals/concepts/0", None, 404, "no rules"),
         ("GET", "/v2/models/zebra/concepts/0", None, 404, "unknown model"),
     ]
-    config = _config(tmp_path, explain={"max_image_bytes": 8192, "max_windows": 500})
+    config = _config(tmp_path, explain={"max_image_bytes": 8192, "max_image_pixels": 4_000_000, "max_windows": 500})
     with running_server(repo, config) as base:
         for method, path, body, status, words in cases:
             got, _, reply = request(base + path, body, {"Content-Type": "image/png"}, method=method)

@@ -78,7 +78,7 @@ def last_conv_block(model: nn.Module, name: str = "this model") -> nn.Module:
     if not with_conv:
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         if not convs:
-            raise UserError(f"Grad-CAM needs a convolutional layer and {name} has none; use --method ig or occlusion")
+            raise UserError(f"Grad-CAM needs a convolutional layer and {name} has none; explain it with ig or occlusion")
         return convs[-1]
     i = with_conv[-1]
     while i + 1 < len(children) and isinstance(children[i + 1], (nn.BatchNorm2d, nn.ReLU)):

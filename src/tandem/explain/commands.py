@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -102,7 +103,7 @@ def cmd_explain(args) -> int:
              if value is not None]
     if extra:
         raise UserError(f"{', '.join(extra)} {'apply' if len(extra) > 1 else 'applies'} only with --evaluate; add "
-                        "--evaluate, or drop them")
+                        f"--evaluate, or drop {'them' if len(extra) > 1 else 'it'}")
     if not args.images:
         raise UserError(f"give images to explain (tandem explain {args.bundle} IMAGE_OR_FOLDER ...), or --evaluate "
                         "to measure faithfulness on the bundle's test split")
@@ -143,17 +144,12 @@ def _occlusion_geometry(args, image_size: int, methods: list[str]) -> tuple[int,
 
 def parse_target(text: str | None, labels: list[str]) -> int | None:
     """--target: a label (exact, then ignoring case) or a class index; None: each image's predicted class."""
-    if text is None:
-        return None
-    if text in labels:
-        return labels.index(text)
-    folded = [label.casefold() for label in labels]
-    if text.casefold() in folded:
-        return folded.index(text.casefold())
-    if text.strip().isdigit() and int(text) < len(labels):
-        return int(text)
-    shown = ", ".join(labels[:20]) + (f" ... ({len(labels)} in all)" if len(labels) > 20 else "")
-    raise UserError(f"--target {text!r} is not a label of this bundle; give one of {shown} (or its index)")
+    from tandem.explain.occlusion import class_index
+
+    try:
+        return class_index(text, labels)
+    except UserError as err:
+        raise UserError(f"--{err}") from None
 
 
 # --- attributions, shared by explaining images and by --evaluate ------------------------------------------------
@@ -317,7 +313,8 @@ def _explain_images(args) -> int:
                 print(f"{_short(path, 32):<32} {_short(p['label'], 14):<14} {p['probability']:>6.1%}  "
                       f"{_short(record['target']['label'], 16):<16} {out / record['files']['picture']}", flush=True)
     if args.json:
-        _print_json({"schema": SCHEMA, "kind": "images", "bundle": str(args.bundle), "method": method, "note": note,
+        _print_json({"schema": SCHEMA, "kind": "images", "bundle": str(args.bundle), "model_file": "model.onnx",
+                     "method": method, "note": note,
                      "out": str(out), "explained": len(results) - failed, "failed": failed, "images": results})
     elif results:
         print(f"{len(results) - failed} image(s) explained by {TITLES[method]} into {out}/ (NAME.{method}.png, .npy, "
@@ -329,17 +326,19 @@ def _explain_images(args) -> int:
 
 
 def _input_files(images: list[str], out: Path, expand_paths: Callable) -> list[Path]:
-    """The image files to explain, each once, in order; a folder's files inside --out (the pictures of an earlier
-    run, with --out inside the folder) are not inputs."""
+    """The image files to explain, each once, in order; a folder's pictures of an earlier run (NAME.METHOD.png in
+    --out, when --out is the folder or inside it) are not inputs."""
     inside = out.resolve()
+    earlier = re.compile(r".+\.(?:" + "|".join(map(re.escape, METHODS)) + r")\.png")
     files: list[Path] = []
     for raw in images:
         found = expand_paths([raw])
         if Path(raw).is_dir():
-            found = [f for f in found if not f.resolve().is_relative_to(inside)]
+            found = [f for f in found if not (f.resolve().is_relative_to(inside) and earlier.fullmatch(f.name))]
         files.extend(found)
     if not files:
-        raise UserError(f"no images to explain: the folders given hold only earlier explanations (in {out})")
+        raise UserError(f"no images to explain: the folders given hold only earlier explanations (NAME.METHOD.png in "
+                        f"{out})")
     return list(dict.fromkeys(files))  # the same file named twice is explained once
 
 
@@ -355,7 +354,8 @@ def _image_record(args, path: Path, name: str, method: str, window: int, stride:
                 {"n_steps": 50, "baseline": "black (raw 0)"} if method == "ig" else
                 {"layer": "last convolutional block", "upsampled": "bilinear"})
     record = {
-        "schema": SCHEMA, "kind": "image", "image": str(path), "bundle": str(args.bundle), "method": method,
+        "schema": SCHEMA, "kind": "image", "image": str(path), "bundle": str(args.bundle), "model_file": "model.onnx",
+        "method": method,
         "settings": settings, "explains": "softmax probability of the target class",
         "prediction": {"label": labels[int(order[0])], "index": int(order[0]),
                        "probability": float(probabilities[order[0]])},
@@ -424,6 +424,8 @@ def evaluate_bundle(bundle: str | Path, methods: list[str] | None = None, limit:
         check_window(predictor.image_size, predictor.image_size, window, stride)
     explainer = _torch_explainer(str(bundle), manifest, methods)
     steps = steps or predictor.image_size  # one row's worth of pixels a step, as Petsiuk et al. did at 224 pixels
+    if not 1 <= steps <= predictor.image_size ** 2:  # checked before the attributions, which take minutes
+        raise UserError(f"--steps {steps}: give 1 to {predictor.image_size ** 2} (the pixels of one image)")
     test = bundle_splits(bundle, manifest).test
     total = len(test.labels)
     index = None
@@ -482,18 +484,24 @@ def format_evaluation(report: dict) -> str:
     for name, m in report["methods"].items():
         title = TITLES[name] + (f" ({report['occlusion']['window']}/{report['occlusion']['stride']})"
                                 if name == "occlusion" else "")
-        lines.append(f"{title:<22} {m['deletion_auc']:>12.3f} {m['deletion_ratio']:>8.2f}x {m['insertion_auc']:>13.3f} "
-                     f"{m['insertion_ratio']:>8.2f}x {m['seconds_per_image']:>8.3f}  "
+        ratios = [f"{r:>8.2f}x" if r is not None else f"{'n/a':>9}" for r in (m["deletion_ratio"], m["insertion_ratio"])]
+        lines.append(f"{title:<22} {m['deletion_auc']:>12.3f} {ratios[0]} {m['insertion_auc']:>13.3f} "
+                     f"{ratios[1]} {m['seconds_per_image']:>8.3f}  "
                      f"{'beats random' if m['beats_random'] else m['verdict'].split(' (')[0]}")
     lines.append("")
     lines.append("deletion AUC: lower is more faithful; insertion AUC: higher. A method beats random when it is better "
                  "on both curves, image by image (paired, 95%), by at least 5%.")
-    if report["best"]:
-        best = report["methods"][report["best"]]
+    best = report["methods"].get(report["best"]) if report["best"] else None
+    if best and best["deletion_vs_random"] == "better":
         lines.append(f"most faithful by deletion: {TITLES[report['best']]}, {best['deletion_ratio']:.2f}x random")
-        lines.append(f"every deletion curve ends at the all-black image's probability, {report['floor']:.3f} on average "
-                     f"({report['floor'] / random['deletion_auc']:.2f}x random's AUC; every order ends there); "
-                     f"above it, {TITLES[report['best']]} keeps {best['deletion_above_floor_ratio']:.2f}x random's area")
+        if random["deletion_auc"] > 0:
+            above = best["deletion_above_floor_ratio"]
+            lines.append(f"every deletion curve ends at the all-black image's probability, {report['floor']:.3f} on "
+                         f"average ({report['floor'] / random['deletion_auc']:.2f}x random's AUC; every order ends "
+                         "there); " + (f"above it, {TITLES[report['best']]} keeps {above:.2f}x random's area"
+                                       if above is not None else "random's curve hardly rises above it"))
+    elif report["methods"]:
+        lines.append("no method beats random on deletion here")
     ig = report["methods"].get("ig")
     if ig and "convergence_delta_median_abs" in ig:
         lines.append(f"Integrated Gradients completeness: median |sum of map - (f(image) - f(black))| "

@@ -57,9 +57,11 @@ class MethodScore:
     """One method over the images, against the random order on the same images."""
     deletion_auc: float       # mean; lower is more faithful
     insertion_auc: float      # mean; higher is more faithful
-    deletion_ratio: float     # deletion_auc / random's (below 1 beats random)
-    insertion_ratio: float    # insertion_auc / random's (above 1 beats random)
-    deletion_above_floor_ratio: float  # (deletion_auc - floor) / (random's - floor): the part any order can change
+    deletion_ratio: float | None     # deletion_auc / random's (below 1 beats random); None: random's is 0
+    insertion_ratio: float | None    # insertion_auc / random's (above 1 beats random); None: random's is 0
+    # (deletion_auc - floor) / (random's - floor): the part any order can change; None where random's curve hardly
+    # rises above the floor (under 5% of its area), so that the ratio would say nothing
+    deletion_above_floor_ratio: float | None
     deletion_vs_random: str   # "better", "no different" or "worse" (paired, 95%)
     insertion_vs_random: str
     verdict: str              # one plain sentence
@@ -87,7 +89,8 @@ class Report:
     @property
     def best(self) -> str | None:
         """The method with the lowest deletion AUC relative to random (None without methods)."""
-        return min(self.methods, key=lambda name: self.methods[name].deletion_ratio, default=None)
+        rated = [name for name in self.methods if self.methods[name].deletion_ratio is not None]
+        return min(rated, key=lambda name: self.methods[name].deletion_ratio, default=None)
 
     def to_dict(self) -> dict:
         return {
@@ -183,9 +186,13 @@ def _versus_random(method: np.ndarray, random: np.ndarray, lower_is_better: bool
     return "no different"
 
 
+def _times(ratio: float | None) -> str:
+    return "n/a x" if ratio is None else f"{ratio:.2f}x"
+
+
 def _verdict(score: dict) -> str:
     deletion, insertion = score["deletion_vs_random"], score["insertion_vs_random"]
-    figures = f"deletion {score['deletion_ratio']:.2f}x random, insertion {score['insertion_ratio']:.2f}x random"
+    figures = f"deletion {_times(score['deletion_ratio'])} random, insertion {_times(score['insertion_ratio'])} random"
     if deletion == insertion == "better":
         return f"beats random ({figures})"
     failed = [f"{'worse than' if vs == 'worse' else 'no better than'} random on {curve}"
@@ -197,11 +204,11 @@ def score(method: Curves, random: Curves) -> MethodScore:
     d, i = method.deletion_auc, method.insertion_auc
     rd, ri = random.deletion_auc, random.insertion_auc
     floor = float(random.deletion[:, -1].mean())  # the all-black image's probability: every deletion curve's end
+    above = float(rd.mean()) - floor
     values = {"deletion_auc": float(d.mean()), "insertion_auc": float(i.mean()),
-              "deletion_ratio": float(d.mean() / rd.mean()) if rd.mean() > 0 else math.inf,
-              "insertion_ratio": float(i.mean() / ri.mean()) if ri.mean() > 0 else math.inf,
-              "deletion_above_floor_ratio": float((d.mean() - floor) / (rd.mean() - floor))
-              if rd.mean() > floor else math.inf,
+              "deletion_ratio": float(d.mean() / rd.mean()) if rd.mean() > 0 else None,
+              "insertion_ratio": float(i.mean() / ri.mean()) if ri.mean() > 0 else None,
+              "deletion_above_floor_ratio": (float(d.mean()) - floor) / above if above > _MARGIN * rd.mean() else None,
               "deletion_vs_random": _versus_random(d, rd, lower_is_better=True),
               "insertion_vs_random": _versus_random(i, ri, lower_is_better=False)}
     return MethodScore(**values, verdict=_verdict(values))

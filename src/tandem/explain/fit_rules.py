@@ -46,7 +46,7 @@ def default_concepts(classes: int) -> int:
 
 def fit_rules(bundle: str | Path, max_leaves: int = MAX_LEAVES, concepts: int | None = None, space: str = "used",
               store: bool = True, out: str | Path | None = None, sign_key: str | Path | None = None,
-              log: Callable = print) -> dict:
+              log: Callable = print, force: bool = False) -> dict:
     """Fit concepts and a tree on the bundle's training split, measure them on its test split, and store
     rules.json and the prototype strips in the bundle (store=False: only report). Returns the report."""
     try:
@@ -67,6 +67,8 @@ def fit_rules(bundle: str | Path, max_leaves: int = MAX_LEAVES, concepts: int | 
     manifest = read_manifest(bundle)
     if store:
         _check_storable(bundle, sign_key)
+    if out is not None:
+        _check_out(Path(out), force)  # before the work, and before the bundle changes
     if MODEL_FILE not in manifest["files"]:
         raise UserError(f"bundle {bundle} has no {MODEL_FILE}; rules are fit on the fp32 model: re-export the bundle")
     model_bytes = read_bundle_file(bundle, manifest, MODEL_FILE)
@@ -353,12 +355,32 @@ def _store(bundle: Path, files: dict[str, bytes]) -> None:
                         "still verifies without them; free the space or fix the permissions and run again") from None
 
 
-def _write_out(out: Path, files: dict[str, bytes], report: dict) -> Path:
-    """--out DIR: the report as text and JSON, and the prototype strips."""
+_REPORT_FILES = ("rules.txt", "report.json")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """--out DIR: a folder that can be written, holding no earlier report unless --force replaces it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the report")
+    earlier = [name for name in _REPORT_FILES if (out / name).exists()]
+    if earlier and not force:
+        raise UserError(f"--out {out} already holds a report ({', '.join(earlier)}); give another folder, or --force "
+                        "to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot make --out {out} ({err.strerror}); check the path and its permissions") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"cannot write into --out {out} (permission denied); give another folder")
+
+
+def _write_out(out: Path, files: dict[str, bytes], report: dict) -> Path:
+    """--out DIR: the report as text and JSON, and the prototype strips (an earlier report's strips removed)."""
     try:
         (out / "concepts").mkdir(parents=True, exist_ok=True)
+        for old in (out / "concepts").glob("concept_*.png"):
+            if f"concepts/{old.name}" not in files:
+                old.unlink()
         for name, data in files.items():
             if name != RULES_FILE:
                 write_bytes_atomic(out / name, data)
@@ -380,7 +402,8 @@ def format_report(report: dict) -> str:
     agree = round(report["fidelity"] * report["test_images"])
     lines = [
         f"rules for {report['bundle']}: {report['concepts']} concepts (NMF of {where}, {report['feature_tensor']}, "
-        f"{report['feature_size']} values); a tree of {report['leaves']} leaves, depth {report['depth']}, fit on the "
+        f"{report['feature_size']} values); a tree of {report['leaves']} "
+        f"{'leaf' if report['leaves'] == 1 else 'leaves'}, depth {report['depth']}, fit on the "
         f"network's own predictions for {report['fit_images']:,} training images",
         f"fidelity {pct(report['fidelity'])}: the rules agree with the network on {agree} of {report['test_images']} "
         f"test images; accuracy {pct(report['accuracy'])} (the network's: {pct(report['network_accuracy'])})",

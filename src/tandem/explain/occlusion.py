@@ -30,6 +30,8 @@ from tandem.runtime.preprocess import preprocess
 MAX_OCCLUDED = 4096
 # Input bytes per ONNX Runtime call: the animals' 170 copies are one run; a large photo's copies are split.
 _RUN_BYTES = 64 << 20
+# Window masks up to this size are cached (8 sets at most): 1 MiB holds 1,337 positions of 28 x 28.
+_CACHED_MASK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,24 @@ class OcclusionMap:
     probabilities: np.ndarray  # float32 (classes,) of the unoccluded image
     window: int
     stride: int
+
+
+def class_index(text: str | None, labels: list[str]) -> int | None:
+    """A class named by its label (exact, then ignoring case) or by its index as ASCII digits; None stays None
+    (explain the predicted class). A UserError naming some labels otherwise."""
+    if text is None:
+        return None
+    if text in labels:
+        return labels.index(text)
+    folded = [label.casefold() for label in labels]
+    if text.casefold() in folded:
+        return folded.index(text.casefold())
+    digits = text.strip()
+    if digits.isascii() and digits.isdigit() and int(digits) < len(labels):
+        return int(digits)
+    shown = ", ".join(labels[:20]) + (f" ... ({len(labels)} in all)" if len(labels) > 20 else "")
+    raise UserError(f"target {text[:64]!r} is not a label of this model; give one of {shown} (or its index, "
+                    f"0 to {len(labels) - 1})")
 
 
 def window_for(image_size: int) -> tuple[int, int]:
@@ -53,9 +73,21 @@ def window_starts(length: int, window: int, stride: int) -> np.ndarray:
     return np.arange(math.ceil((length - window) / stride) + 1) * stride
 
 
-@functools.lru_cache(maxsize=8)
 def window_masks(height: int, width: int, window: int, stride: int) -> np.ndarray:
-    """bool (positions, H, W): True where each window covers; read-only (shared by every call)."""
+    """bool (positions, H, W): True where each window covers; read-only. Small sets (the animals' 169 x 28 x 28)
+    are built once and shared; a large photo's are built per call, so a server does not keep them."""
+    positions = len(window_starts(height, window, stride)) * len(window_starts(width, window, stride))
+    if positions * height * width <= _CACHED_MASK_BYTES:
+        return _cached_masks(height, width, window, stride)
+    return _build_masks(height, width, window, stride)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_masks(height: int, width: int, window: int, stride: int) -> np.ndarray:
+    return _build_masks(height, width, window, stride)
+
+
+def _build_masks(height: int, width: int, window: int, stride: int) -> np.ndarray:
     ys, xs = window_starts(height, window, stride), window_starts(width, window, stride)
     masks = np.zeros((len(ys), len(xs), height, width), bool)
     for i, y in enumerate(ys):

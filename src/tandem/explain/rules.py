@@ -17,6 +17,7 @@ answer), negatives set to 0, then one non-negative direction per concept: scores
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,8 +144,14 @@ def _check_tree(tree: Any, concepts: int, classes: int) -> dict:
     if n == 0 or any(len(tree[k]) != n for k in keys):
         raise ValueError("the tree's lists differ in length")
     out = {k: list(tree[k]) for k in keys}
+    number = (int, float)
     for node in range(n):
         lo, hi = out["left"][node], out["right"][node]
+        if type(lo) is not int or type(hi) is not int:
+            raise ValueError(f"node {node}'s children are not node numbers")
+        if any(type(out[k][node]) not in number or isinstance(out[k][node], bool) or not math.isfinite(out[k][node])
+               for k in ("threshold", "test_images", "test_agree")):
+            raise ValueError(f"node {node}'s threshold or test counts are not numbers")
         if (lo == -1) != (hi == -1) or (lo != -1 and not (node < lo < n and node < hi < n)):
             raise ValueError(f"node {node} has bad children")  # children after parents: no loops
         if lo != -1 and not (type(out["feature"][node]) is int and 0 <= out["feature"][node] < concepts):

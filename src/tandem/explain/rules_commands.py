@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 from tandem.cli import _counted, _print_json  # the command line's own argument types
 from tandem.errors import UserError
 
@@ -49,6 +51,7 @@ def register(sub) -> None:
                    help="find concepts in the part of the penultimate activation the last layer reads (used, "
                         "default: faithful rules) or in all of it (all: more varied concepts, lower fidelity)")
     p.add_argument("--out", metavar="DIR", help="also write the report there: rules.txt, report.json, concepts/*.png")
+    p.add_argument("--force", action="store_true", help="with --out: replace a report already there")
     p.add_argument("--no-store", action="store_true", help="fit and print the rules, leave the bundle as it is")
     p.add_argument("--sign", metavar="KEY.pem", help="for a signed bundle: sign it again with this private key after "
                    "storing the rules (without it, a signed bundle is refused)")
@@ -61,7 +64,8 @@ def register(sub) -> None:
 
 def cmd_rules(args) -> int:
     fitting = {"--max-leaves": args.max_leaves, "--concepts": args.concepts, "--space": args.space,
-               "--out": args.out, "--no-store": args.no_store or None, "--sign": args.sign}
+               "--out": args.out, "--force": args.force or None, "--no-store": args.no_store or None,
+               "--sign": args.sign}
     if args.show or args.explain:
         given = [name for name, value in fitting.items() if value is not None]
         if args.show and args.explain:
@@ -75,7 +79,7 @@ def cmd_rules(args) -> int:
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
     chosen = {"max_leaves": args.max_leaves, "concepts": args.concepts, "space": args.space}  # None: fit_rules' default
     report = fit_rules(args.bundle, **{k: v for k, v in chosen.items() if v is not None}, store=not args.no_store,
-                       out=args.out, sign_key=args.sign, log=log)
+                       out=args.out, force=args.force, sign_key=args.sign, log=log)
     if args.json:
         _print_json(report)
     else:
@@ -110,22 +114,38 @@ def _show(args) -> int:
 
 
 def _explain(args) -> int:
-    from tandem.images import expand_paths
+    from tandem.images import decode_file_batches, expand_paths
 
     rules = _stored(args.bundle)
+    p = rules.predictor
     files = expand_paths(args.explain)
-    results = []
-    for start in range(0, len(files), 256):  # a folder of any size, a batch at a time
-        batch = files[start:start + 256]
-        why = rules.explain(rules.predictor.pixels(batch))
-        results += [{"path": str(path), **one} for path, one in zip(batch, why)]
+    results, failed = [], 0
+    if not args.json:
+        print(f"rules of {args.bundle}: fidelity {rules.fidelity:.1%} (how often they agree with the network on its "
+              "test split)")
+    chunks = decode_file_batches(files, p.image_size, p.channels, p.resize)
+    try:
+        for chunk in chunks:  # a folder of any size, as it is decoded; an unreadable file does not stop the rest
+            good = [(path, pixels) for path, pixels, _ in chunk if pixels is not None]
+            why = iter(rules.explain(np.stack([pixels for _, pixels in good]))) if good else iter(())
+            for path, pixels, error in chunk:
+                if pixels is None:
+                    failed += 1
+                    results.append({"path": str(path), "error": error})
+                    if not args.json:
+                        print(f"error: {error}", file=sys.stderr, flush=True)
+                    continue
+                one = {"path": str(path), **next(why)}
+                results.append(one)
+                if not args.json:
+                    verdict = "agrees with the network" if one["agrees"] else f"the network says {one['network_label']}"
+                    print(f"{one['path']}: {one['text']}  [{verdict}]", flush=True)
+    finally:
+        chunks.close()
     if args.json:
         _print_json({"schema": rules.data["schema"], "bundle": str(args.bundle), "fidelity": rules.fidelity,
                      "images": results})
-        return 0
-    print(f"rules of {args.bundle}: fidelity {rules.fidelity:.1%} (how often they agree with the network on its "
-          "test split)")
-    for r in results:
-        verdict = "agrees with the network" if r["agrees"] else f"the network says {r['network_label']}"
-        print(f"{r['path']}: {r['text']}  [{verdict}]")
+    if failed:
+        print(f"error: {failed} file(s) could not be read; the others were explained", file=sys.stderr)
+        return 1
     return 0

@@ -161,6 +161,9 @@ class Predictor:
             raise UserError("give either session_options or threads (set session_options.intra_op_num_threads)")
         if not isinstance(streams, int) or not 1 <= streams <= 256:
             raise UserError(f"streams must be a whole number from 1 to 256, got {streams!r}")
+        if threads and streams > threads:
+            raise UserError(f"{streams} streams need at least {streams} threads (one each), but threads is {threads}; "
+                            "give fewer streams or more threads")
         if streams > 1 and session_options is None:
             threads = max(1, (threads or os.cpu_count() or 1) // streams)
         options = session_options if session_options is not None else runtime_session_options(threads)
@@ -225,9 +228,12 @@ class Predictor:
                 workers: int | None) -> Iterator[tuple[Path, list[Prediction] | None, str | None]]:
         # Classify whatever the decoder hands over (up to 16 files at a time): no result waits for a full batch.
         chunks = decode_file_batches(files, self.image_size, self.channels, self.resize, workers)
+        # With streams, images are gathered until every stream has a piece of at least 8 (the decoder hands over
+        # up to 16 at a time); with one stream, whatever is decoded runs at once.
+        enough = 1 if self._pool is None else 8 * self.streams
+        ready: list[tuple[Path, np.ndarray]] = []
         try:
             for chunk in chunks:
-                ready: list[tuple[Path, np.ndarray]] = []
                 for path, pixels, error in chunk:
                     if pixels is not None:
                         ready.append((path, pixels))
@@ -235,7 +241,10 @@ class Predictor:
                     yield from self._classify(ready, k)  # the files before the bad one, in order
                     ready = []
                     yield path, None, error
-                yield from self._classify(ready, k)
+                if len(ready) >= enough:
+                    yield from self._classify(ready, k)
+                    ready = []
+            yield from self._classify(ready, k)
         finally:
             chunks.close()  # stops the decoding pool when the caller stops early
 

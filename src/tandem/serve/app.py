@@ -544,7 +544,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         settings = server.config.explain
         if not settings.enabled:
             raise ProtocolError(_EXPLAIN_OFF, 403)
-        limit = min(settings.max_image_bytes, limits.max_body_bytes)
+        limit = min(settings.max_image_bytes or limits.max_body_bytes, limits.max_body_bytes)
         try:
             data = await server.request_body(request, limit)
         except ProtocolError as err:
@@ -562,7 +562,8 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
             index = _target_index(model.labels, target)
             try:
                 pixels, _ = await asyncio.to_thread(decode_image_bytes, data, p.image_size, p.channels, p.resize,
-                                                    min(limits.max_image_pixels, settings.max_image_pixels))
+                                                    min(limits.max_image_pixels,
+                                                        settings.max_image_pixels or limits.max_image_pixels))
             except UserError as err:
                 raise ProtocolError(str(err)) from None
 
@@ -681,15 +682,12 @@ def _occlusion_window(size: int, window: int | None, stride: int | None, max_win
 
 
 def _target_index(labels: list[str], target: str | None) -> int | None:
-    if target is None:
-        return None
-    if target in labels:
-        return labels.index(target)
-    if target.isdigit() and int(target) < len(labels):
-        return int(target)
-    shown = ", ".join(labels[:12]) + (", ..." if len(labels) > 12 else "")
-    raise ProtocolError(f"target {target[:64]!r} is neither a label of this model nor a class index from 0 to "
-                        f"{len(labels) - 1}; labels: {shown}")
+    from tandem.explain.occlusion import class_index
+
+    try:
+        return class_index(target, labels)
+    except UserError as err:
+        raise ProtocolError(str(err)) from None
 
 
 def _explain_image(model: ModelVersion, pixels: np.ndarray, target: int | None, window: int, stride: int,
@@ -712,9 +710,11 @@ def _explain_image(model: ModelVersion, pixels: np.ndarray, target: int | None, 
     path = None
     if rules is not None:
         path = rules.explain(pixels[None])[0]
+        # The rules' hash in the URL: rules fit again under the same version get new URLs, so no cache shows old strips.
+        fit = model.manifest["files"]["rules.json"]["sha256"][:12]
         for condition in path["conditions"]:
             condition["prototype_url"] = (f"/v2/models/{model.name}/versions/{model.version}/concepts/"
-                                          f"{int(condition['concept'])}")
+                                          f"{int(condition['concept'])}?rules={fit}")
         observe("rules", time.perf_counter() - occluded)
     ended = time.perf_counter()
     probs, labels = found.probabilities, predictor.labels

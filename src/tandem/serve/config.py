@@ -60,8 +60,10 @@ class LimitsConfig(_Section):
 class ExplainConfig(_Section):
     enabled: bool = Field(True, description="POST /v2/models/<m>/explain: an occlusion heatmap and the rule path "
                                             "of one image (off: 403)")
-    max_image_bytes: int = Field(4 << 20, ge=1024, description="largest image an explain request may send (413 above)")
-    max_image_pixels: int = Field(4_000_000, ge=1024, description="largest image (width x height) decoded to explain")
+    max_image_bytes: Optional[int] = Field(None, ge=1024, description="largest image an explain request may send "
+                                           "(413 above; default: limits.max_body_bytes, what classify takes)")
+    max_image_pixels: Optional[int] = Field(None, ge=1024, description="largest image (width x height) decoded to "
+                                            "explain (default: limits.max_image_pixels, what classify takes)")
     max_windows: int = Field(1024, ge=1, description="most occluded copies of one image (window positions; "
                                                      "tandem.explain.occlusion.MAX_OCCLUDED caps it too)")
     max_concurrent: int = Field(1, ge=1, le=64, description="explanations computed at once (the others wait their turn)")

@@ -138,7 +138,8 @@ def _load_rules(name: str, version: int, path: Path, manifest: dict) -> tuple[ob
         return None, f"model {name} version {version}: its {RULES_FILE} cannot be used ({str(err).splitlines()[0]})"
     if rules is None:
         return None, (f"model {name} version {version} has no rules (its bundle lists no {RULES_FILE}); extract them "
-                      f"with `tandem rules {Path(path.parent.parent.name, name, str(version))}`, then reload the model")
+                      f"with `tandem rules {path}` on the server's machine, then reload the model "
+                      f"(POST /v2/repository/models/{name}/load, with the admin token where one is set)")
     return rules, None
 
 
