@@ -180,7 +180,9 @@ def test_curves_are_computed_as_defined():
     np.testing.assert_allclose(1 - c.deletion[0], [total, (51 + 102) / 4 / 255, 51 / 4 / 255, 0, 0])
     np.testing.assert_allclose(1 - c.insertion[0], [0, 255 / 4 / 255, (255 + 102) / 4 / 255, total, total])
     np.testing.assert_allclose(c.fractions, [0, .25, .5, .75, 1])
-    np.testing.assert_allclose(c.deletion_auc, [np.trapezoid(c.deletion[0], c.fractions)])
+    np.testing.assert_allclose(c.deletion_auc, [faithfulness.area_under(c.fractions, c.deletion[0])])
+    # the trapezoid rule, by hand
+    np.testing.assert_allclose(c.deletion_auc, [sum((c.deletion[0][1:] + c.deletion[0][:-1]) / 2 * 0.25)])
 
 
 def test_a_random_curve_on_its_floor_gives_no_ratio():
@@ -197,6 +199,9 @@ def test_a_random_curve_on_its_floor_gives_no_ratio():
     assert faithfulness.score(falls, zero).deletion_ratio is None
     report = faithfulness.Report(3, 4, 0, flat, {"m": falls}, {"m": score})
     json.dumps(report.to_dict(), allow_nan=False)
+    # one image says nothing: never "beats random" from a single curve, however far apart
+    one = [faithfulness.Curves(fractions, c.deletion[:1], c.insertion[:1], c.targets[:1]) for c in (falls, flat)]
+    assert faithfulness.score(*one).deletion_vs_random == "no different"
 
 
 # --- (4) the runtime's occlusion is Captum's ------------------------------------------------------------------
@@ -356,7 +361,8 @@ def test_evaluate_reports_every_method_against_random(trained_bundle):
         assert 0 <= method["deletion_auc"] <= 1 and 0 <= method["insertion_auc"] <= 1
         assert method["deletion_ratio"] == pytest.approx(method["deletion_auc"] / report["random"]["deletion_auc"])
         assert method["verdict"].startswith("beats random" if method["beats_random"] else "does not beat random")
-    assert report["best"] == min(report["methods"], key=lambda m: report["methods"][m]["deletion_ratio"])
+    better = [m for m in report["methods"] if report["methods"][m]["deletion_vs_random"] == "better"]
+    assert report["best"] == min(better, key=lambda m: report["methods"][m]["deletion_ratio"], default=None)
     text = run_tandem("explain", str(trained_bundle), "--evaluate", "--limit", "10", "--methods", "occlusion",
                       check=True).stdout
     assert "random order" in text and "occlusion" in text and "Integrated" not in text

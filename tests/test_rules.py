@@ -255,16 +255,27 @@ def test_a_tampered_rules_json_is_refused(fitted, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="another model.onnx"):
         RuleSet.load(bundle)
-    # A rules.json of the wrong types (a float child, a text count), rehashed so that it verifies: refused in words.
-    for key, value in (("left", 1.0), ("test_images", "many")):
+    # A rules.json of the wrong types (a float child, a text count), rehashed so that it verifies: refused in words;
+    # so are a NaN (json reads it), a number too large for a float, a concept without its id.
+    def spoil(key: str, value) -> dict:
         bad = json.loads(json.dumps(data))
         bad["model_sha256"] = read_manifest(fitted[0])["files"]["model.onnx"]["sha256"]
-        bad["tree"][key][0] = value
-        (bundle / RULES_FILE).write_text(json.dumps(bad))
+        if key == "direction":
+            bad["scores"]["directions"][0][0] = value
+        elif key == "id":
+            del bad["concepts"][0]["id"]
+        else:
+            bad["tree"][key][0] = value
+        return bad
+
+    for key, value, words in (("left", 1.0, "node 0"), ("test_images", "many", "node 0"),
+                              ("test_images", 10 ** 400, "node 0"), ("direction", float("nan"), "NaN"),
+                              ("id", None, "an id")):
+        (bundle / RULES_FILE).write_text(json.dumps(spoil(key, value)))
         manifest["files"][RULES_FILE] = {"sha256": sha256_file(bundle / RULES_FILE),
                                          "bytes": (bundle / RULES_FILE).stat().st_size}
         (bundle / "manifest.json").write_text(json.dumps(manifest))
-        with pytest.raises(UserError, match="node 0"):
+        with pytest.raises(UserError, match=words):
             RuleSet.load(bundle)
     # A bundle whose manifest lists no rules.json has no rules, whatever lies in the folder.
     del manifest["files"][RULES_FILE]

@@ -202,6 +202,10 @@ def test_streams_give_the_same_answers_as_one_stream(tiny_bundle, tmp_path):
     assert sorted(pieces) == [4, 8, 8], pieces  # decoded files are gathered until each stream has 8
     with pytest.raises(UserError, match="4 streams need at least 4 threads"):
         Predictor.load(tiny_bundle, threads=1, streams=4)
+    import os
+
+    with pytest.raises(UserError, match="cores"):
+        Predictor.load(tiny_bundle, streams=(os.cpu_count() or 1) + 1)
     for bad in (0, 257, 1.5):
         with pytest.raises(UserError, match="streams must be a whole number"):
             Predictor.load(tiny_bundle, streams=bad)

@@ -249,6 +249,13 @@ def test_every_bad_explain_request_is_a_4xx_with_a_one_line_message(repo, tmp_pa
             assert got == status, (path, got, reply)
             error = json.loads(reply)["error"]
             assert words.lower() in error.lower() and "\n" not in error and "Traceback" not in error, (path, error)
+        # gzip does not carry a larger image past explain.max_image_bytes: the limit holds for the inflated body
+        import gzip
+
+        padded = png + b"\x00" * 20000
+        got, _, reply = request(base + explain, gzip.compress(padded),
+                                {"Content-Type": "image/png", "Content-Encoding": "gzip"})
+        assert len(gzip.compress(padded)) < 8192 and got == 413, reply
         # the server still explains after all of that, and counted failures, no 500
         assert request(base + explain, png, {"Content-Type": "image/png"})[0] == 200
         metrics = request(base + "/metrics")[2].decode()

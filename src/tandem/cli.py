@@ -330,8 +330,16 @@ def cmd_config(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line: what was wrong and where --help is; exit 2.
+    Subcommands' parsers are of this class too (add_subparsers makes them of the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tandem", description="Train a network (PyTorch), export it as a verified bundle, run it without torch.",
         epilog="Start with `tandem demo`. Each command has its own --help.")
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
@@ -509,7 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `tandem explain B --method ig a.png`: argparse gives a `*` positional nothing once an option has come, so
+        # images after options arrive here; they are images all the same. Anything else is a mistake.
+        if getattr(args, "command", None) == "explain" and not any(e.startswith("-") for e in extra):
+            args.images = [*args.images, *extra]
+        else:
+            prog = f"tandem {args.command}" if getattr(args, "command", None) else "tandem"
+            parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)\n")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -68,8 +68,8 @@ def register(sub) -> None:
                         "installed, else occlusion)")
     p.add_argument("--target", metavar="LABEL", help="explain this class instead of the predicted one (a label, or "
                    "its index)")
-    p.add_argument("--out", default="explanations", metavar="DIR", help="folder for the pictures, maps and JSON "
-                   "files (default: %(default)s)")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for the pictures, maps and JSON "
+                   "files (default: explanations)")
     p.add_argument("--force", action="store_true", help="replace explanations already in --out")
     p.add_argument("--window", type=_counted(1, 4096), default=None, metavar="PIXELS",
                    help="occlusion: side of the black square (default: image size / 7, 4 for 28 pixels)")
@@ -96,8 +96,11 @@ def cmd_explain(args) -> int:
             raise UserError("--evaluate scores the methods on the bundle's test split; drop the images, or drop "
                             "--evaluate to explain them")
         if args.method or args.target:
-            raise UserError("with --evaluate, choose methods with --methods ig,gradcam,occlusion; each test image's "
-                            "predicted class is explained, so --target does not apply")
+            given = " and ".join(flag for flag, value in (("--method", args.method), ("--target", args.target)) if value)
+            raise UserError(f"{given} do{'es' if ' and ' not in given else ''} not apply with --evaluate: choose "
+                            "methods with --methods ig,gradcam,occlusion; each test image's predicted class is explained")
+        if args.out is not None or args.force:
+            raise UserError("--evaluate writes no files (it prints, or --json); drop --out and --force")
         return _evaluate(args)
     extra = [flag for flag, value in (("--methods", args.methods), ("--limit", args.limit), ("--steps", args.steps))
              if value is not None]
@@ -274,7 +277,7 @@ def _explain_images(args) -> int:
         from tandem.explain.occlusion import check_window
 
         check_window(predictor.image_size, predictor.image_size, window, stride)
-    out = Path(args.out)
+    out = Path(args.out or "explanations")
     files = _input_files(args.images, out, expand_paths)
     names = dict(zip(files, output_names(files)))
     _check_out(out, list(names.values()), method, args.force)
@@ -491,17 +494,18 @@ def format_evaluation(report: dict) -> str:
     lines.append("")
     lines.append("deletion AUC: lower is more faithful; insertion AUC: higher. A method beats random when it is better "
                  "on both curves, image by image (paired, 95%), by at least 5%.")
-    best = report["methods"].get(report["best"]) if report["best"] else None
-    if best and best["deletion_vs_random"] == "better":
+    if report["best"]:
+        best = report["methods"][report["best"]]
         lines.append(f"most faithful by deletion: {TITLES[report['best']]}, {best['deletion_ratio']:.2f}x random")
-        if random["deletion_auc"] > 0:
-            above = best["deletion_above_floor_ratio"]
-            lines.append(f"every deletion curve ends at the all-black image's probability, {report['floor']:.3f} on "
-                         f"average ({report['floor'] / random['deletion_auc']:.2f}x random's AUC; every order ends "
-                         "there); " + (f"above it, {TITLES[report['best']]} keeps {above:.2f}x random's area"
-                                       if above is not None else "random's curve hardly rises above it"))
     elif report["methods"]:
         lines.append("no method beats random on deletion here")
+    if report["methods"] and random["deletion_auc"] > 0:
+        above = [f"{TITLES[name]} {m['deletion_above_floor_ratio']:.2f}x" for name, m in report["methods"].items()
+                 if m["deletion_above_floor_ratio"] is not None]
+        lines.append(f"every deletion curve ends at the all-black image's probability, {report['floor']:.3f} on "
+                     f"average ({report['floor'] / random['deletion_auc']:.2f}x random's AUC, whatever the order); "
+                     + (f"the area above it against random's: {', '.join(above)}" if above else
+                        "random's curve hardly rises above it, so no ratio above it is given"))
     ig = report["methods"].get("ig")
     if ig and "convergence_delta_median_abs" in ig:
         lines.append(f"Integrated Gradients completeness: median |sum of map - (f(image) - f(black))| "

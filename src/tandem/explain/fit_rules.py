@@ -150,7 +150,8 @@ def fit_rules(bundle: str | Path, max_leaves: int = MAX_LEAVES, concepts: int | 
             sign_bundle(bundle, sign_key)
             report["signed_again"] = True
     if out is not None:
-        report["out"] = str(_write_out(Path(out), files, report))
+        report["out"] = str(out)  # before writing, so that the report written there says where it is
+        _write_out(Path(out), files, report)
     return report
 
 

@@ -17,14 +17,13 @@ answer), negatives set to 0, then one non-negative direction per concept: scores
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tandem.bundle import read_bundle_file, read_manifest
+from tandem.bundle import REEXPORT, read_bundle_file, read_manifest
 from tandem.errors import UserError
 
 RULES_FILE = "rules.json"
@@ -144,13 +143,11 @@ def _check_tree(tree: Any, concepts: int, classes: int) -> dict:
     if n == 0 or any(len(tree[k]) != n for k in keys):
         raise ValueError("the tree's lists differ in length")
     out = {k: list(tree[k]) for k in keys}
-    number = (int, float)
     for node in range(n):
         lo, hi = out["left"][node], out["right"][node]
         if type(lo) is not int or type(hi) is not int:
             raise ValueError(f"node {node}'s children are not node numbers")
-        if any(type(out[k][node]) not in number or isinstance(out[k][node], bool) or not math.isfinite(out[k][node])
-               for k in ("threshold", "test_images", "test_agree")):
+        if any(not _is_number(out[k][node]) for k in ("threshold", "test_images", "test_agree")):
             raise ValueError(f"node {node}'s threshold or test counts are not numbers")
         if (lo == -1) != (hi == -1) or (lo != -1 and not (node < lo < n and node < hi < n)):
             raise ValueError(f"node {node} has bad children")  # children after parents: no loops
@@ -165,12 +162,17 @@ def _check_tree(tree: Any, concepts: int, classes: int) -> dict:
 # --- the rule set ----------------------------------------------------------------------------------------
 
 
+def _num(x: float) -> str:
+    """Two decimals, or two significant digits where two decimals would print a small threshold as 0.00."""
+    return f"{x:.2f}" if x == 0 or abs(x) >= 0.005 else f"{x:.2g}"
+
+
 def _because(conditions: list[dict]) -> str:
     """'concept 3 (like giraffe) is high (0.97 > 0.53) and concept 7 (like horse) is low (0.20 <= 0.61)';
     past two "low" conditions (a chain of "not this, not that"), those are listed without their values."""
     def full(c: dict) -> str:
         return (f"concept {c['concept']} ({c['name']}) is {'high' if c['op'] == '>' else 'low'} "
-                f"({c['value']:.2f} {c['op']} {c['threshold']:.2f})")
+                f"({_num(c['value'])} {c['op']} {_num(c['threshold'])})")
 
     high = [full(c) for c in conditions if c["op"] == ">"]
     low = [c for c in conditions if c["op"] == "<="]
@@ -207,14 +209,14 @@ class RuleSet:
         manifest = manifest if manifest is not None else read_manifest(bundle, verify=False)
         if RULES_FILE not in (manifest.get("files") or {}):
             return None
-        raw = read_bundle_file(bundle, manifest, RULES_FILE)
+        raw = _read_rules_file(bundle, manifest, RULES_FILE)
         try:
-            data = json.loads(raw)
+            data = json.loads(raw, parse_constant=_no_constant)  # NaN, Infinity: not numbers a rule can use
             if not isinstance(data, dict) or data.get("schema") != SCHEMA:
                 raise ValueError(f"its schema is {data.get('schema') if isinstance(data, dict) else None!r}, "
                                  f"not {SCHEMA}")
             _check_data(data)
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, ArithmeticError) as err:
             raise UserError(f"bundle {bundle}: {RULES_FILE} is malformed ({err}); {RERUN}") from None
         listed = manifest["files"].get(MODEL_FILE, {}).get("sha256")
         if data["model_sha256"] != listed:
@@ -284,7 +286,7 @@ class RuleSet:
         if not isinstance(concept, int) or not 0 <= concept < len(self.concepts):
             raise UserError(f"concept {concept} does not exist; these rules have concepts 0 to "
                             f"{len(self.concepts) - 1}")
-        return read_bundle_file(self.bundle, self.manifest, self.concepts[concept]["prototype"])
+        return _read_rules_file(self.bundle, self.manifest, self.concepts[concept]["prototype"])
 
     def text(self) -> str:
         return rules_text(self.tree, self.concepts, self.labels)
@@ -305,7 +307,7 @@ def rules_text(tree: dict, concepts: list[dict], labels: list[str], indent: str 
             lines.append(pad + leaf(node))
             return
         c, low = tree["feature"][node], tree["left"][node]
-        lines.append(f"{pad}{keyword} concept {c} ({concepts[c]['name']}) > {tree['threshold'][node]:.2f}:")
+        lines.append(f"{pad}{keyword} concept {c} ({concepts[c]['name']}) > {_num(tree['threshold'][node])}:")
         walk(tree["right"][node], depth + 1)
         if tree["left"][low] != -1:  # a chain of tests reads as if / elif / elif, not ever deeper
             walk(low, depth, "elif")
@@ -317,17 +319,42 @@ def rules_text(tree: dict, concepts: list[dict], labels: list[str], indent: str 
     return "\n".join(lines)
 
 
+def _read_rules_file(bundle: Path, manifest: dict, name: str) -> bytes:
+    """A file `tandem rules` wrote, hash-verified; when it is missing or changed, the fix is to fit the rules again
+    (they are not part of what export writes)."""
+    try:
+        return read_bundle_file(bundle, manifest, name)
+    except UserError as err:
+        text = str(err).replace(f"; {REEXPORT}", "").replace(f" — {REEXPORT}", "")
+        raise UserError(f"{text}; {RERUN.replace('BUNDLE', str(bundle))}, or copy the bundle again") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"it holds {name}, which is not a number")
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and abs(value) < 1e300  # finite, and float() of it cannot overflow
+
+
 def _check_data(data: dict) -> None:
     """The shape of rules.json (ValueError/KeyError/TypeError with what is wrong)."""
     for key, kind in (("model_sha256", str), ("feature_tensor", str), ("labels", list), ("concepts", list),
                       ("scores", dict), ("tree", dict), ("metrics", dict)):
         if not isinstance(data.get(key), kind):
             raise ValueError(f"{key} is missing or not a {kind.__name__}")
-    if not data["concepts"] or any(not isinstance(c, dict) or not isinstance(c.get("name"), str)
-                                   or not isinstance(c.get("prototype"), str) for c in data["concepts"]):
-        raise ValueError("concepts need a name and a prototype each")
-    if load_scores(data["scores"])["directions"].shape[0] != len(data["concepts"]):
+    if not data["concepts"] or any(not isinstance(c, dict) or type(c.get("id")) is not int
+                                   or not isinstance(c.get("name"), str) or not isinstance(c.get("prototype"), str)
+                                   for c in data["concepts"]):
+        raise ValueError("concepts need an id, a name and a prototype each")
+    scores = load_scores(data["scores"])
+    if not all(np.isfinite(a).all() for a in scores.values() if a is not None):
+        raise ValueError("scores hold values that are not finite")
+    if scores["directions"].shape[0] != len(data["concepts"]):
         raise ValueError("scores.directions has not one row per concept")
-    if not 0.0 <= float(data["metrics"]["fidelity"]) <= 1.0:
+    metrics = data["metrics"]
+    if any(not _is_number(metrics.get(key)) for key in ("fidelity", "accuracy", "leaves", "depth", "test_images")):
+        raise ValueError("metrics need fidelity, accuracy, leaves, depth and test_images as numbers")
+    if not 0.0 <= metrics["fidelity"] <= 1.0:
         raise ValueError("metrics.fidelity is not between 0 and 1")
     _check_tree(data["tree"], len(data["concepts"]), len(data["labels"]))

@@ -4,7 +4,7 @@
 
     predictor = Predictor.load("bundle/")                            # model.int8.onnx when the bundle has one
     predictor = Predictor.load("bundle/", precision="fp32")          # or always the fp32 model.onnx
-    predictor = Predictor.load("bundle/", streams=2)                 # throughput: 2 batches at once, 1 thread each
+    predictor = Predictor.load("bundle/", streams=2)                 # throughput: 2 batches at once, cores/2 threads each
     predictor.top_k([array, pil_image, "cat.png"], k=3)             # any image form, in memory
     for path, preds, error in predictor.predict_files(["photos/"]):  # files and folders, streamed
         print(path, preds[0].label if preds else error)
@@ -140,7 +140,7 @@ class Predictor:
         (a UserError if the bundle has no int8 model); `predictor.precision` says which runs.
         trusted_key: a public key (PEM); the bundle must carry a signature by it (see `tandem keygen`).
         streams: batches run at once, for throughput (files, folders, big arrays); each gets threads // streams
-        ONNX Runtime threads (threads defaulting to every core). 1 (the default) runs one batch at a time on all
+        ONNX Runtime threads (threads defaulting to every core), and there may be no more streams than threads. 1 (the default) runs one batch at a time on all
         threads, the lowest latency for a single image.
         verify: check every listed file's sha256 (False skips the files the runtime does not read;
         the model file it runs is always checked). providers / session_options: passed to ONNX Runtime, for
@@ -161,9 +161,10 @@ class Predictor:
             raise UserError("give either session_options or threads (set session_options.intra_op_num_threads)")
         if not isinstance(streams, int) or not 1 <= streams <= 256:
             raise UserError(f"streams must be a whole number from 1 to 256, got {streams!r}")
-        if threads and streams > threads:
-            raise UserError(f"{streams} streams need at least {streams} threads (one each), but threads is {threads}; "
-                            "give fewer streams or more threads")
+        available = threads or os.cpu_count() or 1
+        if streams > available:
+            raise UserError(f"{streams} streams need at least {streams} threads (one each), but there are {available} "
+                            f"({'threads' if threads else 'cores'}); give at most {available} streams")
         if streams > 1 and session_options is None:
             threads = max(1, (threads or os.cpu_count() or 1) // streams)
         options = session_options if session_options is not None else runtime_session_options(threads)

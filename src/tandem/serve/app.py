@@ -133,7 +133,7 @@ class Server:
         limit = limit or self.limits.max_body_bytes
         length = headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise ProtocolError(f"Content-Length {length!r} is not a number")
             if int(length) > limit:
                 raise ProtocolError(f"the body is {length} bytes, more than this endpoint takes ({limit}; "
@@ -145,7 +145,7 @@ class Server:
                 raise ProtocolError(f"the body is larger than this endpoint takes ({limit} bytes; "
                                     "limits.max_body_bytes)", 413)
             parts.append(chunk)
-        return decompress(b"".join(parts), headers.get("content-encoding"), self.limits.max_body_bytes)
+        return decompress(b"".join(parts), headers.get("content-encoding"), limit)  # this endpoint's limit, inflated too
 
     async def request_body(self, request: Request, limit: int | None = None) -> bytes:
         body = await self.body(request.headers, request.stream(), limit)
@@ -239,8 +239,9 @@ class Server:
         until the thread ends, even when the request times out first: a thread cannot be stopped, and the slots
         are what bounds the cores explanations take from inference."""
         if self.explain_slots.locked() and self.explain_waiting >= self.config.explain.max_waiting:
-            raise Unavailable(f"{self.explain_waiting} explanations are waiting for their turn already "
-                              "(explain.max_waiting); retry later")
+            limit = self.config.explain.max_waiting
+            raise Unavailable(f"the server is explaining as many images as it may ({self.config.explain.max_concurrent}"
+                              f" at once, {limit} waiting: explain.max_concurrent, explain.max_waiting); retry later")
         self.explain_waiting += 1
         try:
             await self.explain_slots.acquire()
