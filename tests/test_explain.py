@@ -317,7 +317,8 @@ def test_explain_writes_a_picture_map_and_json_per_image(trained_bundle, photo_f
     _one_line_error(again, "already holds 6 of these files")
     forced = run_tandem("explain", str(trained_bundle), str(photo_folder / "a"), "--out", str(out), "--force",
                         "--target", "Dog", "--method", "occlusion", check=True)
-    assert "dog" in forced.stdout and (out / "cat.occlusion.png").is_file()
+    assert "dog" in forced.stdout and (out / "cat.occlusion.dog.png").is_file()  # another class: its own files
+    assert not (out / "cat.occlusion.png").exists()
     # --out the very folder of the images: its own pictures are not inputs next time, the images are
     folder = tmp_path / "same"
     shutil.copytree(photo_folder / "a", folder)

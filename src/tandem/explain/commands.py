@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tandem.bundle import write_bytes_atomic
 from tandem.cli import _counted, _print_json  # the command line's own argument types
 from tandem.errors import UserError
 
@@ -216,26 +217,16 @@ def output_names(files: list[Path]) -> list[str]:
     return unique
 
 
-def _check_out(out: Path, names: list[str], method: str, force: bool) -> None:
+def _check_out(out: Path, names: list[str], kind: str, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the explanations")
     if force or not out.is_dir():
         return
-    taken = [f"{name}.{method}.{ext}" for name in names for ext in ("png", "npy", "json")
-             if (out / f"{name}.{method}.{ext}").exists()]
+    taken = [f"{name}.{kind}.{ext}" for name in names for ext in ("png", "npy", "json")
+             if (out / f"{name}.{kind}.{ext}").exists()]
     if taken:
         raise UserError(f"{out} already holds {len(taken)} of these files ({', '.join(taken[:2])}"
                         f"{' ...' if len(taken) > 2 else ''}); pass --force to replace them, or choose another --out")
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Written whole or not at all: a temporary name in the same folder, then renamed over."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -280,7 +271,9 @@ def _explain_images(args) -> int:
     out = Path(args.out or "explanations")
     files = _input_files(args.images, out, expand_paths)
     names = dict(zip(files, output_names(files)))
-    _check_out(out, list(names.values()), method, args.force)
+    # An explanation of another class than the predicted one (--target) gets its own files: NAME.METHOD.LABEL.*
+    kind = method if target is None else f"{method}.{re.sub(r'[^A-Za-z0-9_-]', '_', labels[target])}"
+    _check_out(out, list(names.values()), kind, args.force)
     explainer = _torch_explainer(args.bundle, predictor.manifest, [method])
     out.mkdir(parents=True, exist_ok=True)
     scale = max(1, round(224 / predictor.image_size))  # pictures about 224 pixels a side, whatever the model's size
@@ -304,11 +297,11 @@ def _explain_images(args) -> int:
         maps, deltas = attribution_maps(method, predictor, pixels, targets, window, stride, explainer)
         for i, (path, _) in enumerate(good):
             record = _image_record(args, path, names[path], method, window, stride, labels, probabilities[i],
-                                   int(targets[i]), maps[i], None if deltas is None else float(deltas[i]))
+                                   int(targets[i]), maps[i], None if deltas is None else float(deltas[i]), kind)
             caption = _caption(labels, probabilities[i], int(targets[i]), method, window, stride)
-            _write(out / record["files"]["picture"], overlay_png(pixels[i], maps[i], caption, scale))
-            _write(out / record["files"]["map"], _npy_bytes(maps[i]))
-            _write(out / record["files"]["json"], (json.dumps(record, indent=1) + "\n").encode())
+            write_bytes_atomic(out / record["files"]["picture"], overlay_png(pixels[i], maps[i], caption, scale))
+            write_bytes_atomic(out / record["files"]["map"], _npy_bytes(maps[i]))
+            write_bytes_atomic(out / record["files"]["json"], (json.dumps(record, indent=1) + "\n").encode())
             results.append({k: v for k, v in record.items() if k != "map"}
                            | {"map": {k: v for k, v in record["map"].items() if k != "values"}})
             if not args.json:
@@ -320,7 +313,7 @@ def _explain_images(args) -> int:
                      "method": method, "note": note,
                      "out": str(out), "explained": len(results) - failed, "failed": failed, "images": results})
     elif results:
-        print(f"{len(results) - failed} image(s) explained by {TITLES[method]} into {out}/ (NAME.{method}.png, .npy, "
+        print(f"{len(results) - failed} image(s) explained by {TITLES[method]} into {out}/ (NAME.{kind}.png, .npy, "
             ".json)")
     if failed:
         print(f"error: {failed} file(s) could not be read; the others were explained", file=sys.stderr)
@@ -332,7 +325,7 @@ def _input_files(images: list[str], out: Path, expand_paths: Callable) -> list[P
     """The image files to explain, each once, in order; a folder's pictures of an earlier run (NAME.METHOD.png in
     --out, when --out is the folder or inside it) are not inputs."""
     inside = out.resolve()
-    earlier = re.compile(r".+\.(?:" + "|".join(map(re.escape, METHODS)) + r")\.png")
+    earlier = re.compile(r".+\.(?:" + "|".join(map(re.escape, METHODS)) + r")(?:\.[A-Za-z0-9_-]+)?\.png")
     files: list[Path] = []
     for raw in images:
         found = expand_paths([raw])
@@ -351,7 +344,9 @@ def _short(value: Any, width: int) -> str:
 
 
 def _image_record(args, path: Path, name: str, method: str, window: int, stride: int, labels: list[str],
-                  probabilities: np.ndarray, target: int, heatmap: np.ndarray, delta: float | None) -> dict:
+                  probabilities: np.ndarray, target: int, heatmap: np.ndarray, delta: float | None,
+                  kind: str | None = None) -> dict:
+    kind = kind or method  # what the files are named by: the method, and the --target label where one was given
     order = np.argsort(-probabilities, kind="stable")[:5]
     settings = ({"window": window, "stride": stride, "baseline": "black (raw 0)"} if method == "occlusion" else
                 {"n_steps": 50, "baseline": "black (raw 0)"} if method == "ig" else
@@ -367,7 +362,7 @@ def _image_record(args, path: Path, name: str, method: str, window: int, stride:
         "map": {"shape": list(heatmap.shape), "sum": float(heatmap.sum(dtype=np.float64)),
                 "min": float(heatmap.min()), "max": float(heatmap.max()),
                 "values": [[float(f"{v:.7g}") for v in row] for row in heatmap.tolist()]},
-        "files": {"picture": f"{name}.{method}.png", "map": f"{name}.{method}.npy", "json": f"{name}.{method}.json"},
+        "files": {"picture": f"{name}.{kind}.png", "map": f"{name}.{kind}.npy", "json": f"{name}.{kind}.json"},
     }
     if delta is not None:
         record["convergence_delta"] = delta  # sum of the map - (f(image) - f(black)); near 0 when IG converged
