@@ -43,9 +43,10 @@ def train_default_run(folder: Path) -> Path:
     return folder / "run"
 
 
-def export_int8(run: Path, bundle: Path) -> None:
-    print(f"exporting {run} with --int8 to {bundle} ...", file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-m", "tandem", "export", str(run), "--out", str(bundle), "--int8",
+def export_run(run: Path, bundle: Path, *flags: str) -> None:
+    """`tandem export RUN --out BUNDLE --force [flags]` in a fresh process; its log on stderr."""
+    print(f"exporting {run} {' '.join(flags)} to {bundle} ...", file=sys.stderr)
+    proc = subprocess.run([sys.executable, "-m", "tandem", "export", str(run), "--out", str(bundle), *flags,
                            "--force", "--json"], capture_output=True, text=True)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
@@ -54,16 +55,13 @@ def export_int8(run: Path, bundle: Path) -> None:
 
 def accuracy_on_test_split(bundle: Path, precision: str) -> tuple[float, np.ndarray]:
     """Top-1 accuracy through the runtime on the bundle's run's whole test split, and the answers."""
-    from tandem.config import TrainConfig
-    from tandem.data.stream import load_splits
+    from tandem.explain.data import bundle_splits, split_pixels
     from tandem.runtime import Predictor
 
     predictor = Predictor.load(bundle, precision=precision)
-    cfg = TrainConfig.model_validate(predictor.manifest["config"])
-    test = load_splits(cfg.data, cfg.seed).test
-    pixels = test.pixels if hasattr(test, "pixels") else np.stack([test.read(i) for i in range(len(test))])
+    pixels, labels = split_pixels(bundle_splits(bundle, predictor.manifest).test)
     answers = predictor.logits(pixels).argmax(1)
-    return float((answers == test.labels).mean()), answers
+    return float((answers == labels).mean()), answers
 
 
 def main() -> None:
@@ -87,7 +85,7 @@ def main() -> None:
         folder = args.out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         source_run = args.run or train_default_run(folder)
-        export_int8(source_run, folder / "bundle")
+        export_run(source_run, folder / "bundle", "--int8")
         run(args, folder / "bundle")
 
 

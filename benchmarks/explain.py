@@ -31,17 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import train_default_run
+from edge import export_run, train_default_run
 from targets import Target, report
-
-
-def export_bundle(run: Path, bundle: Path) -> None:
-    print(f"exporting {run} to {bundle} ...", file=sys.stderr)
-    proc = subprocess.run([sys.executable, "-m", "tandem", "export", str(run), "--out", str(bundle), "--force"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"export failed (exit {proc.returncode})")
 
 
 def occlusion_latency(bundle: Path, images: int) -> dict:
@@ -146,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tandem-explain-") as tmp:
         folder = args.out or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        export_bundle(args.run or train_default_run(folder), folder / "bundle")
+        export_run(args.run or train_default_run(folder), folder / "bundle")
         run(args, folder / "bundle")
 
 

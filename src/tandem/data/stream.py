@@ -268,6 +268,19 @@ def load_split_files(data_cfg: Any, seed: int, workers: int | None = None) -> Fi
     return split_files(data, data_cfg.val_fraction, data_cfg.test_fraction, seed)
 
 
+def split_pixels(split: Any, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A split's images (all, or those at `index`) as uint8 (N, H, W, C), and their labels: from memory (Dataset),
+    or decoded one file at a time (FileDataset, a streamed folder)."""
+    index = np.arange(len(split.labels)) if index is None else np.asarray(index, dtype=np.int64)
+    if hasattr(split, "pixels"):
+        pixels = split.pixels[index]
+    elif len(index):
+        pixels = np.stack([split.read(int(i)) for i in index])
+    else:
+        pixels = np.zeros((0, split.size, split.size, split.channels), np.uint8)
+    return pixels, np.asarray(split.labels)[index]
+
+
 def load_splits(data_cfg: Any, seed: int, workers: int | None = None) -> Splits | FileSplits:
     """The run's data as `data.stream` asks: FileSplits (streamed) or Splits (in memory), the same images."""
     if should_stream(data_cfg.source, data_cfg.image_size, data_cfg.channels, data_cfg.stream):

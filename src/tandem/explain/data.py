@@ -1,7 +1,7 @@
 """The images a bundle was trained and tested on, read torch-free from its manifest (config and data fingerprint).
 
     splits = bundle_splits(bundle_dir, manifest)       # the very train / val / test split of the training run
-    pixels, labels = split_pixels(splits.test)          # uint8 (N, H, W, C) and int labels
+    pixels, labels = split_pixels(splits.test)          # uint8 (N, H, W, C) and int labels (tandem.data.stream)
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from tandem.data.stream import split_pixels
 from tandem.errors import UserError
+
+__all__ = ["bundle_splits", "split_pixels"]  # split_pixels lives in tandem.data.stream, beside load_splits
 
 
 def bundle_splits(bundle: str | Path, manifest: dict) -> Any:
@@ -37,13 +38,3 @@ def bundle_splits(bundle: str | Path, manifest: dict) -> Any:
         raise UserError(f"bundle {bundle}: the images in {cfg.data.source} changed since the model was trained, so its "
                         "test split would hold other images; run this against the data it was trained on")
     return splits
-
-
-def split_pixels(split: Any, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A split's images (all, or those at `index`) as uint8 (N, H, W, C), and their labels."""
-    index = np.arange(len(split.labels)) if index is None else np.asarray(index)
-    if hasattr(split, "pixels"):
-        pixels = split.pixels[index]
-    else:  # a streamed folder (tandem.data.stream.FileDataset): decoded one file at a time
-        pixels = np.stack([split.read(int(i)) for i in index])
-    return pixels, np.asarray(split.labels)[index]

@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from tandem.bundle import MANIFEST, SIGNATURE, read_bundle_file, read_manifest, sha256_bytes, write_bytes_atomic
+from tandem.data.stream import split_pixels
 from tandem.errors import UserError
 from tandem.explain.rules import (MODEL_FILE, RULES_FILE, SCHEMA, concept_scores, feature_session, find_readout,
                                   load_scores, rules_text, run_features, tree_depth, tree_paths)
@@ -54,7 +55,7 @@ def fit_rules(bundle: str | Path, max_leaves: int = MAX_LEAVES, concepts: int | 
         from sklearn.tree import DecisionTreeClassifier
     except ImportError:
         raise UserError("fitting rules needs scikit-learn: pip install 'tandem[explain]'") from None
-    from tandem.explain.data import bundle_splits, split_pixels
+    from tandem.explain.data import bundle_splits
 
     bundle = Path(bundle)
     if space not in SPACES:
@@ -90,8 +91,8 @@ def fit_rules(bundle: str | Path, max_leaves: int = MAX_LEAVES, concepts: int | 
     labels = [str(label) for label in manifest["labels"]]
     log(f"rules: penultimate layer {readout.tensor} ({dims} values); running the network on "
         f"{len(splits.train.labels):,} training and {len(splits.test.labels):,} test images")
-    f_train, p_train, _ = _run(session, readout.tensor, manifest, splits.train, split_pixels)
-    f_test, p_test, y_test = _run(session, readout.tensor, manifest, splits.test, split_pixels)
+    f_train, p_train, _ = _run(session, readout.tensor, manifest, splits.train)
+    f_test, p_test, y_test = _run(session, readout.tensor, manifest, splits.test)
     if f_train.shape[1] != dims:
         raise UserError(f"bundle {bundle}: {readout.tensor} has {f_train.shape[1]} values, the last layer reads {dims}")
 
@@ -118,7 +119,7 @@ def fit_rules(bundle: str | Path, max_leaves: int = MAX_LEAVES, concepts: int | 
         by_size.append({"max_leaves": n, "leaves": small["left"].count(-1),
                         "fidelity": float((leaves_of(small, s_test) == p_test).mean())})
 
-    concept_list, strips = _describe_concepts(s_train, p_train, labels, splits.train, split_pixels)
+    concept_list, strips = _describe_concepts(s_train, p_train, labels, splits.train)
     metrics = {"fidelity": float((leaf_test == p_test).mean()), "accuracy": float((leaf_test == y_test).mean()),
                "network_accuracy": float((p_test == y_test).mean()),
                "fidelity_train": float((leaf_train == p_train).mean()),
@@ -171,8 +172,7 @@ def _fit_concepts(f_train: np.ndarray, weight: np.ndarray, space: str, concepts:
             "formula": "max(f @ basis.T @ basis, 0) @ directions.T (basis null: max(f, 0) @ directions.T)"}
 
 
-def _describe_concepts(s_train: np.ndarray, p_train: np.ndarray, labels: list[str], train,
-                       split_pixels) -> tuple[list[dict], list[bytes]]:
+def _describe_concepts(s_train: np.ndarray, p_train: np.ndarray, labels: list[str], train) -> tuple[list[dict], list[bytes]]:
     """Each concept's name (the network's labels of its top training images), and its prototype strip."""
     concept_list, strips = [], []
     for k in range(s_train.shape[1]):
@@ -193,7 +193,7 @@ def _describe_concepts(s_train: np.ndarray, p_train: np.ndarray, labels: list[st
 # --- the network on a split ------------------------------------------------------------------------------
 
 
-def _run(session, tensor: str, manifest: dict, split, split_pixels, chunk: int = 1024):
+def _run(session, tensor: str, manifest: dict, split, chunk: int = 1024):
     """Penultimate activations (float32 (N, D)), predicted classes and true labels of a whole split, in chunks."""
     from tandem.runtime.preprocess import preprocess
 

@@ -431,6 +431,7 @@ def export_fpga(run_dir: str | Path, bundle_dir: str | Path, *, precision: str =
 def _calibration(cfg: TrainConfig, x_test: np.ndarray | None, n: int) -> tuple[np.ndarray, str]:
     """Images to choose the precision on: the validation split (else training images), never the test split that
     the report measures; random inputs when the run's data is gone."""
+    from tandem.data.stream import split_pixels
     from tandem.runtime.preprocess import preprocess
     from tandem.train.loop import load_splits
 
@@ -438,7 +439,7 @@ def _calibration(cfg: TrainConfig, x_test: np.ndarray | None, n: int) -> tuple[n
         splits = load_splits(cfg)
         part, label = (splits.val, "validation") if len(splits.val.labels) else (splits.train, "training")
         count = min(n, len(part.labels))
-        pixels = part.pixels[:count] if hasattr(part, "pixels") else np.stack([part.read(i) for i in range(count)])
+        pixels, _ = split_pixels(part, np.arange(count))
         return preprocess(pixels, cfg.data.mean, cfg.data.std), f"{count} {label} images"
     rng = np.random.default_rng(0)
     size = (n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)

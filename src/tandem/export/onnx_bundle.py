@@ -92,16 +92,11 @@ def run_splits(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[object |
 
 def split_inputs(cfg: TrainConfig, split, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A split's images (all, or those at `index`) preprocessed as training did, and their labels."""
+    from tandem.data.stream import split_pixels
     from tandem.runtime.preprocess import preprocess
 
-    index = np.arange(len(split.labels)) if index is None else index
-    # A streamed run (tandem.data.stream) lists files: its images are decoded here, one at a time.
-    if hasattr(split, "pixels"):
-        pixels = split.pixels[index]
-    else:
-        pixels = np.stack([split.read(int(i)) for i in index]) if len(index) else \
-            np.zeros((0, cfg.data.image_size, cfg.data.image_size, cfg.data.channels), np.uint8)
-    return preprocess(pixels, cfg.data.mean, cfg.data.std), split.labels[index]
+    pixels, labels = split_pixels(split, index)  # a streamed run's images are decoded here, one at a time
+    return preprocess(pixels, cfg.data.mean, cfg.data.std), labels
 
 
 def held_out_data(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[np.ndarray | None, np.ndarray | None, dict | None]:
