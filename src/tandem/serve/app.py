@@ -13,13 +13,12 @@ The OpenAPI document is at /openapi.json (no browsable /docs: it would load its 
 the origin where the web page keeps its token). Every error is
 {"error": "..."} with a 4xx status (503 when a model cannot run now, 504 past the request timeout).
 Inference runs off the event loop, in each model version's own thread; explanations in worker threads, at most
-explain.max_concurrent at once. Never imports torch.
+explain.max_concurrent at once (their work: serve/explain.py). Never imports torch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import gc
 import os
 import hashlib
@@ -52,6 +51,8 @@ from tandem.serve.config import ServeConfig, check_model_name, tokens
 from tandem.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 from tandem.serve.protocol import (HEADER_LENGTH, NotFound, ProtocolError, Unavailable, decompress, encode_infer,
                                    json_object, parse_infer)
+from tandem.serve.explain import (EXPLAIN_OFF, EXPLAIN_SCHEMA, explain_image, occlusion_window, prototype_png,
+                                  target_index)
 from tandem.serve.repository import ModelVersion, Repository, parse_version
 from tandem.serve.store import NotFound as UnknownPrediction
 from tandem.serve.store import PredictionRecord, Store, StoreError
@@ -61,7 +62,6 @@ _timeout = getattr(asyncio, "timeout", None)
 _JSON_LIMIT = 1 << 16  # feedback and repository requests are small
 _OFF_LOOP_BYTES = 1 << 16  # bigger infer bodies are parsed in a thread, not on the event loop
 _STORED_TOP_K = 5
-_EXPLAIN_OFF = "explanations are off on this server (explain.enabled is false in its serve config)"
 # The explain endpoints' query parameters (module level: FastAPI resolves the annotations in the module's names).
 Window = Annotated[int | None, Query(description="occlusion window, in pixels of the model's input (default: about "
                                                  "a seventh of its side, 4 at 28)")]
@@ -524,7 +524,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
     # -- explanations ------------------------------------------------------------------------------------------
     explain_extra = {**classify_body, "responses": {"200": {
         "description": "the occlusion heatmap of the image (fp32 model, through the runtime) and its rule path",
-        "content": {"application/json": {"schema": _EXPLAIN_SCHEMA}}}}}
+        "content": {"application/json": {"schema": EXPLAIN_SCHEMA}}}}}
 
     @app.post("/v2/models/{model}/explain", tags=ours, openapi_extra=explain_extra,
               summary="why: one encoded image's occlusion heatmap and rule path (latest version)")
@@ -544,7 +544,7 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         started = time.perf_counter()
         settings = server.config.explain
         if not settings.enabled:
-            raise ProtocolError(_EXPLAIN_OFF, 403)
+            raise ProtocolError(EXPLAIN_OFF, 403)
         limit = min(settings.max_image_bytes or limits.max_body_bytes, limits.max_body_bytes)
         try:
             data = await server.request_body(request, limit)
@@ -559,8 +559,8 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         model = server.acquire(request.scope, name, version)
         try:
             p = model.predictor
-            window, stride, windows = _occlusion_window(p.image_size, window, stride, settings.max_windows)
-            index = _target_index(model.labels, target)
+            window, stride, windows = occlusion_window(p.image_size, window, stride, settings.max_windows)
+            index = target_index(model.labels, target)
             try:
                 pixels, _ = await asyncio.to_thread(decode_image_bytes, data, p.image_size, p.channels, p.resize,
                                                     min(limits.max_image_pixels,
@@ -571,8 +571,8 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
             def observe(part: str, seconds: float) -> None:
                 server.metrics.observe_explain(model.name, model.version, part, seconds)
 
-            body = await server.explain_off_loop(model, _explain_image, model, pixels, index, window, stride, windows,
-                                                 started, observe)
+            body = await server.explain_off_loop(model, explain_image, model, pixels, index, window, stride, windows,
+                                                 started, observe, _STORED_TOP_K)
         finally:
             repo.release(model)
         return Response(body, 200, media_type="application/json")
@@ -593,13 +593,13 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
     async def _prototype(request: Request, name: str, version: int | None, concept: int) -> Response:
         server.check(request.headers)
         if not server.config.explain.enabled:
-            raise ProtocolError(_EXPLAIN_OFF, 403)
+            raise ProtocolError(EXPLAIN_OFF, 403)
         model = server.acquire(request.scope, name, version)
         try:
             rules, reason = await asyncio.to_thread(model.rules)
             if rules is None:
                 raise NotFound(reason)
-            png = await asyncio.to_thread(_prototype_png, rules, concept, model)
+            png = await asyncio.to_thread(prototype_png, rules, concept, model)
         finally:
             repo.release(model)
         return Response(png, 200, media_type="image/png")
@@ -658,124 +658,6 @@ def _routes(app: FastAPI, server: Server) -> None:  # noqa: C901 - one place lis
         if server.page is None:
             raise NotFound("the web page is not installed with this tandem")
         return Response(server.page, 200, media_type="text/html; charset=utf-8")
-
-
-# -- explanations ----------------------------------------------------------------------------------------------------
-
-def _occlusion_window(size: int, window: int | None, stride: int | None, max_windows: int) -> tuple[int, int, int]:
-    """(window, stride, occluded copies) for the query's window and stride; the defaults scale with the image."""
-    from tandem.explain.occlusion import check_window, window_for
-
-    if window is None:
-        window = min(size, max(window_for(size)[0], stride or 1))
-    if stride is None:
-        stride = max(1, window // 2)
-    try:
-        windows = check_window(size, size, window, stride)
-    except UserError as err:
-        raise ProtocolError(f"{err} (query parameters window and stride)") from None
-    if windows > max_windows:
-        suggested = window_for(size)
-        raise ProtocolError(f"window {window} and stride {stride} make {windows:,} occluded copies of the image, more "
-                            f"than this server computes ({max_windows:,}: explain.max_windows); use a larger window or "
-                            f"stride, e.g. window={suggested[0]}&stride={suggested[1]}")
-    return window, stride, windows
-
-
-def _target_index(labels: list[str], target: str | None) -> int | None:
-    from tandem.explain.occlusion import class_index
-
-    try:
-        return class_index(target, labels)
-    except UserError as err:
-        raise ProtocolError(str(err)) from None
-
-
-def _explain_image(model: ModelVersion, pixels: np.ndarray, target: int | None, window: int, stride: int,
-                   windows: int, arrived: float, observe: Callable[[str, float], None]) -> bytes:
-    """In a worker thread: one image's occlusion map (the version's fp32 model) and its rule path, as JSON."""
-    from tandem.explain.occlusion import occlusion
-    from tandem.explain.render import heatmap_png
-
-    predictor = model.fp32_predictor()
-    started = time.perf_counter()
-    found = occlusion(predictor, pixels, target, window, stride)
-    if not (np.isfinite(found.heatmap).all() and np.isfinite(found.probabilities).all()):
-        raise ProtocolError(f"model {model.name} version {model.version} gives NaN or infinity for this image; "
-                            "it cannot be explained")
-    scale = max(1, -(-224 // max(found.heatmap.shape)))  # a PNG of about 224 pixels or more: smooth in the page
-    heatmap = base64.b64encode(heatmap_png(found.heatmap, scale)).decode()
-    occluded = time.perf_counter()
-    observe("occlusion", occluded - started)
-    rules, reason = model.rules()
-    path = None
-    if rules is not None:
-        path = rules.explain(pixels[None])[0]
-        # The rules' hash in the URL: rules fit again under the same version get new URLs, so no cache shows old strips.
-        fit = model.manifest["files"]["rules.json"]["sha256"][:12]
-        for condition in path["conditions"]:
-            condition["prototype_url"] = (f"/v2/models/{model.name}/versions/{model.version}/concepts/"
-                                          f"{int(condition['concept'])}?rules={fit}")
-        observe("rules", time.perf_counter() - occluded)
-    ended = time.perf_counter()
-    probs, labels = found.probabilities, predictor.labels
-    order = np.argsort(-probs, kind="stable")[:min(_STORED_TOP_K, len(probs))]
-    answer = {"model": model.name, "version": model.version, "precision": predictor.precision,
-              "image": {"shape": list(pixels.shape), "png_base64": base64.b64encode(_png(pixels)).decode()},
-              "top_k": [{"label": labels[j], "index": int(j), "probability": float(probs[j])} for j in order],
-              "heatmap": {"method": "occlusion", "target": found.target, "label": labels[found.target],
-                          "probability": float(probs[found.target]), "window": found.window, "stride": found.stride,
-                          "windows": windows, "shape": list(found.heatmap.shape), "values": found.heatmap.tolist(),
-                          "png_base64": heatmap},
-              "rules": path, "rules_reason": reason,
-              "latency_ms": {"occlusion": round((occluded - started) * 1e3, 3),
-                             "rules": round((ended - occluded) * 1e3, 3),
-                             "total": round((time.perf_counter() - arrived) * 1e3, 3)}}
-    return json.dumps(answer, separators=(",", ":"), default=_plain).encode()
-
-
-def _prototype_png(rules: Any, concept: int, model: ModelVersion) -> bytes:
-    try:
-        return rules.prototype_png(concept)
-    except UserError as err:
-        raise NotFound(f"model {model.name} version {model.version}: {str(err).splitlines()[0]}") from None
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    """uint8 (H, W, C) as a PNG: the image as the model saw it, under the heatmap."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _plain(value: Any) -> Any:
-    """json.dumps' fallback for NumPy scalars and arrays in a rule path."""
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON")
-
-
-_EXPLAIN_SCHEMA = {"type": "object", "properties": {
-    "model": {"type": "string"}, "version": {"type": "integer"},
-    "precision": {"type": "string", "description": "the model that explained: always fp32 (model.onnx)"},
-    "image": {"type": "object", "description": "the image as the model saw it (its input size), as a PNG",
-              "properties": {"shape": {"type": "array", "items": {"type": "integer"}},
-                             "png_base64": {"type": "string"}}},
-    "top_k": {"type": "array", "items": {"type": "object", "properties": {
-        "label": {"type": "string"}, "index": {"type": "integer"}, "probability": {"type": "number"}}}},
-    "heatmap": {"type": "object", "description": "occlusion: each pixel's mean drop of the target's probability "
-                                                 "when a window over it is black", "properties": {
-        "method": {"type": "string"}, "target": {"type": "integer"}, "label": {"type": "string"},
-        "probability": {"type": "number"}, "window": {"type": "integer"}, "stride": {"type": "integer"},
-        "windows": {"type": "integer"}, "shape": {"type": "array", "items": {"type": "integer"}},
-        "values": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-        "png_base64": {"type": "string", "description": "RGBA PNG to lay over the image"}}},
-    "rules": {"type": ["object", "null"], "description": "the rule path (label, conditions with prototype_url, "
-                                                         "text, agrees, fidelity); null when the bundle has no rules"},
-    "rules_reason": {"type": ["string", "null"], "description": "why rules is null"},
-    "latency_ms": {"type": "object"}}}
 
 
 # -- errors and the access log ----------------------------------------------------------------------------------------
