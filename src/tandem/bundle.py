@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from tandem.errors import UserError
+from tandem.files import is_temporary, write_bytes_atomic
 
 FORMAT = "tandem-bundle"
 FORMAT_VERSION = 1
@@ -48,19 +49,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name beside it, fsync, rename: a reader (or a crash) sees the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_manifest(folder: str | Path, manifest: dict) -> dict:
     """Hash every file in the folder into manifest['files'] and write manifest.json (atomically, fsynced)."""
     folder = Path(folder)
@@ -68,7 +56,7 @@ def write_manifest(folder: str | Path, manifest: dict) -> dict:
     # Not the manifest (it cannot hold its own hash), nor the signature (made after the manifest, covering it),
     # nor a temporary file of write_bytes_atomic.
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and not re.match(r"\..*\.tmp-\d+$", p.name))
+                   if p.is_file() and not is_temporary(p.name))
     manifest["files"] = {name: {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
                          for name in names if name not in (MANIFEST, SIGNATURE)}
     write_bytes_atomic(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())

@@ -19,16 +19,16 @@ cache file is a miss, never an error.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tandem.files import atomic_write
 
 CACHE_FORMAT = 2  # bump when the decoding or the key changes (2: the key holds each file's ctime_ns)
 
@@ -86,20 +86,12 @@ def read_cache(path: Path, key: str) -> DecodedFolder | None:
 def write_npz(path: Path, arrays: dict[str, np.ndarray], what: str, redo: str) -> bool:
     """Store arrays atomically (temporary name in the same folder, fsync, rename). A cache that cannot be
     written costs only time: warn on stderr ("cannot write the <what> ... <redo> next time"), return False."""
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as f:
-            tmp = Path(f.name)
+        with atomic_write(path) as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         return True
     except OSError as err:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
         print(f"warning: cannot write the {what} in {path.parent} ({err.strerror or err}); {redo} next time. "
               "Set TANDEM_CACHE_DIR to a writable folder to keep it", file=sys.stderr)
         return False

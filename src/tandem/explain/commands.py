@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tandem.bundle import write_bytes_atomic
+from tandem.files import write_bytes_atomic
 from tandem.cli import _counted, _print_json  # the command line's own argument types
 from tandem.errors import UserError
 

@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from tandem.bundle import MANIFEST, SIGNATURE, read_bundle_file, read_manifest, sha256_bytes, write_bytes_atomic
+from tandem.bundle import MANIFEST, SIGNATURE, read_bundle_file, read_manifest, sha256_bytes
+from tandem.files import write_bytes_atomic
 from tandem.data.stream import split_pixels
 from tandem.errors import UserError
 from tandem.explain.rules import (MODEL_FILE, RULES_FILE, SCHEMA, concept_scores, feature_session, find_readout,

@@ -16,12 +16,11 @@ a user who tunes the config (instance groups, optimization, ...) deletes that li
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 from tandem.errors import UserError
+from tandem.files import write_text_atomic
 from tandem.serve.config import check_model_name
 
 CONFIG_FILE = "config.pbtxt"
@@ -144,23 +143,6 @@ def triton_config(manifest: dict, max_batch_size: int = 64, dynamic_batching: bo
     return "\n".join(parts) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def is_tandem_config(path: Path) -> bool:
     """True when the file starts with the line tandem writes (so tandem may rewrite it)."""
     try:
@@ -191,6 +173,6 @@ def write_triton_config(repo: str | Path, name: str, manifest: dict, *, max_batc
     text = triton_config(manifest, max_batch_size, dynamic_batching, max_queue_delay_ms, versions, name=name,
                          label_filename=LABEL_FILE if labels else None)
     if labels and f"label_filename: {_quote(LABEL_FILE)}" in text:
-        _atomic_write(folder / LABEL_FILE, "".join(f"{label}\n" for label in labels))  # before the config names it
-    _atomic_write(path, text)
+        write_text_atomic(folder / LABEL_FILE, "".join(f"{label}\n" for label in labels))  # before the config names it
+    write_text_atomic(path, text)
     return path

@@ -26,37 +26,10 @@ from safetensors.torch import load_file, save_file
 
 from tandem.bundle import sha256_file
 from tandem.errors import UserError
+from tandem.files import fsync_dir, fsync_file
 
 FORMAT_VERSION = 1
 PREFIX = "step-"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, fsync, rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -108,7 +81,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     for name, tensors in files.items():
         cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(cpu, str(tmp / name))
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
         hashes[name] = sha256_file(tmp / name)
     state = {"format_version": FORMAT_VERSION, "step": step, **state, "files": hashes}
     with open(tmp / "state.json", "w") as handle:

@@ -27,6 +27,7 @@ from tandem.config import TrainConfig, dump_config
 from tandem.data import Splits, stream
 from tandem.data.stream import FileSplits
 from tandem.errors import UserError
+from tandem.files import write_json_atomic, write_text_atomic
 from tandem.runtime.preprocess import preprocess
 from tandem.train import checkpoint as ckpt
 from tandem.train import graphs
@@ -414,7 +415,7 @@ def _train(cfg: TrainConfig, resume: bool, log, dist_: Dist, device: torch.devic
 def _start_log(run_dir: Path, cfg: TrainConfig, step: int) -> Path:
     """config.yaml as this run resolved it; metrics.jsonl cut back to what the resumed state has seen;
     runs/latest moved here once the run has really started."""
-    ckpt.write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
     mark_job(run_dir)
     link_latest(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
@@ -553,7 +554,7 @@ def _verdict(cfg, run_dir: Path, engine: Engine, splits: Splits, state: LoopStat
                "parallel": {"strategy": engine.strategy, "processes": dist_.world, **engine.report()},
                "checkpoint": str(best), "last_checkpoint": str(last)}
     if dist_.is_main:
-        ckpt.write_json_atomic(run_dir / "results.json", {**metrics, "classes": classes,
+        write_json_atomic(run_dir / "results.json", {**metrics, "classes": classes,
                                                           "confusion": confusion.tolist()})
         from tandem.train.plots import plot_confusion, plot_curves
 
