@@ -54,7 +54,7 @@ import torch
 from safetensors.torch import load_file
 from tandem.bundle import read_manifest
 from tandem.config import TrainConfig
-from tandem.export.onnx_bundle import build_model
+from tandem.train.models import build_model
 from tandem.runtime.preprocess import preprocess
 t_import = time.perf_counter()
 manifest = read_manifest(sys.argv[1])
@@ -124,7 +124,7 @@ def run(args, bundle: Path) -> None:
     from safetensors.torch import load_file
 
     from tandem.config import TrainConfig
-    from tandem.export.onnx_bundle import build_model
+    from tandem.train.models import build_model
     from tandem.runtime import Predictor
     from tandem.runtime.preprocess import preprocess
 

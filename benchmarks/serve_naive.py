@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from tandem.bundle import read_manifest
 from tandem.config import TrainConfig
-from tandem.export.onnx_bundle import build_model
+from tandem.train.models import build_model
 
 
 def create_app(bundle: Path) -> FastAPI:

@@ -64,7 +64,8 @@ def test_fine_tune_through_the_command_on_new_classes(tiny_bundle, tmp_path):
 def test_per_channel_normalisation_and_onnx_metadata(small_npz, tmp_path):
     import onnx
 
-    from tandem.export.onnx_bundle import build_model, export_bundle
+    from tandem.export.onnx_bundle import export_bundle
+    from tandem.train.models import build_model
     from tandem.runtime import Predictor
     from tandem.runtime.preprocess import preprocess
     from tandem.train.loop import train

@@ -93,7 +93,7 @@ def test_emulation_agrees_with_the_float_model(tmp_path, fpga_run, small_npz):
     picks the same class and its logits stay within the rounding of four fixed-point layers."""
     from tandem.config import TrainConfig
     from tandem.export.fpga import convert, predict
-    from tandem.export.onnx_bundle import build_model
+    from tandem.train.models import build_model
     from tandem.runtime.preprocess import preprocess
     from tandem.train.checkpoint import resolve_checkpoint
 

@@ -12,7 +12,7 @@ from PIL import Image
 from conftest import animals
 from tandem.bundle import read_manifest
 from tandem.errors import UserError
-from tandem.export.onnx_bundle import build_model
+from tandem.train.models import build_model
 from tandem.runtime import Predictor
 from tandem.images import to_pixels
 from tandem.runtime.preprocess import preprocess

@@ -43,7 +43,7 @@ def load_model(bundle: str | Path, manifest: dict | None = None) -> nn.Module:
     from safetensors.torch import load as load_safetensors
 
     from tandem.config import TrainConfig
-    from tandem.export.onnx_bundle import build_model
+    from tandem.train.models import build_model
 
     manifest = manifest if manifest is not None else read_manifest(bundle, verify=False)
     if "weights.safetensors" not in (manifest.get("files") or {}):

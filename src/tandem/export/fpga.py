@@ -29,7 +29,8 @@ from torch import nn
 
 from tandem.config import TrainConfig
 from tandem.errors import UserError
-from tandem.export.onnx_bundle import build_model, held_out_data
+from tandem.export.onnx_bundle import held_out_data
+from tandem.train.models import build_model
 from tandem.train.checkpoint import resolve_checkpoint
 
 FPGA_DIR, REPORT = "fpga", "report.json"

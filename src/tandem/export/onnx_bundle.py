@@ -29,20 +29,13 @@ from tandem.bundle import MANIFEST, SIGNATURE, check_signing_key, is_bundle, rea
 from tandem.config import TrainConfig
 from tandem.errors import UserError
 from tandem.train.checkpoint import Checkpoint, resolve_checkpoint
-from tandem.train.models import create_model
+from tandem.train.models import build_model
 
 INPUT, OUTPUT = "input", "logits"
 
 
 class ParityError(UserError):
     """ONNX Runtime and torch disagree by more than the tolerance."""
-
-
-def build_model(cfg: TrainConfig, num_classes: int, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = create_model(cfg.model.name, cfg.data.channels, cfg.data.image_size, num_classes,
-                         cfg.model.width, cfg.model.dropout)
-    model.load_state_dict(weights)
-    return model.eval()
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter: str = "torchscript",

@@ -79,6 +79,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+def best_classes(probs: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k most probable classes, best first, along the last axis (a tie goes to the lower
+    index). The one ranking of tandem: the predictor, the server and the explanations all use it."""
+    return np.argsort(-probs, axis=-1, kind="stable")[..., :min(k, probs.shape[-1])]
+
+
 class Predictor:
     """A bundle ready to run: `logits`, `probabilities`, `top_k` over batches of any image form."""
 
@@ -209,8 +215,7 @@ class Predictor:
         return self._top_k(softmax(self.logits(images)), k)
 
     def _top_k(self, probs: np.ndarray, k: int) -> list[list[Prediction]]:
-        k = min(k, probs.shape[1])
-        best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        best = best_classes(probs, k)
         return [[Prediction(self.labels[j], int(j), float(row[j])) for j in order] for row, order in zip(probs, best)]
 
     def predict_files(self, paths: Iterable[str | Path], k: int = 5,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 
@@ -142,3 +143,11 @@ def create_model(name: str, in_channels: int, image_size: int, num_classes: int,
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build_model(cfg, num_classes: int, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The run's model (its config: name, channels, size, width, dropout) with these weights, in eval mode."""
+    model = create_model(cfg.model.name, cfg.data.channels, cfg.data.image_size, num_classes,
+                         cfg.model.width, cfg.model.dropout)
+    model.load_state_dict(weights)
+    return model.eval()
