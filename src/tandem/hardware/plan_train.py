@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tandem.errors import UserError
-from tandem.hardware.analysis import PRECISION_BYTES, Analysis, format_bytes
+from tandem.hardware.analysis import format_bytes
+from tandem.hardware.costs import PRECISION_BYTES, Analysis
 from tandem.hardware.devices import Device
 from tandem.hardware.roofline import derived, describe_parts, roofline, wanted_precisions
 

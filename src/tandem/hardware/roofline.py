@@ -8,7 +8,8 @@ import math
 from dataclasses import asdict, dataclass
 
 from tandem.errors import UserError
-from tandem.hardware.analysis import PRECISION_BYTES, PRECISIONS, Analysis, format_bytes
+from tandem.hardware.analysis import format_bytes
+from tandem.hardware.costs import PRECISION_BYTES, PRECISIONS, Analysis
 from tandem.hardware.devices import Device
 
 
