@@ -85,7 +85,7 @@ def test_int8_qdq_graph_counts_the_same_macs_and_stores_int8_weights(tmp_path):
 def test_a_bundle_is_analysed_like_its_config(tiny_bundle, tiny_run):
     pytest.importorskip("torch")
     from tandem.config import TrainConfig
-    from tandem.train.memory import inference_graph
+    from tandem.hardware.train_memory import inference_graph
 
     cfg = TrainConfig.model_validate(yaml.safe_load((tiny_run.run_dir / "config.yaml").read_text()))
     from_config = analyze_model(inference_graph(cfg, 10)[0])
@@ -106,7 +106,7 @@ def test_macs_agree_with_torch_for_every_model(name, size, channels):
     """The reference: a forward hook on every Conv2d and Linear of the torch model counts the same MACs."""
     torch = pytest.importorskip("torch")
     from tandem.config import load_config
-    from tandem.train.memory import inference_graph
+    from tandem.hardware.train_memory import inference_graph
     from tandem.train.models import create_model
 
     cfg = load_config(None, [f"model.name={name}", f"data.image_size={size}", f"data.channels={channels}"])

@@ -6,31 +6,50 @@ and a real training step timed on this machine with the memory autograd keeps fo
     gemm_peaks(["fp32", "bf16"])                     # {"fp32": 1.7e11, "bf16": 2.3e11} FLOP/s
     measure_training_step(cfg, 10, batch=128, precision="bf16", seconds=2.0)
 
-Imported only by the --train path of `tandem plan`, so tandem.hardware stays torch-free.
+Imported only by the --train path of `tandem plan`; torch and the training side are imported inside each
+function, so importing this module (and tandem.hardware) loads no torch.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
-from tandem.train.models import count_parameters, create_model
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+def _dtype(precision: str) -> torch.dtype:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def _model(cfg, classes: int) -> torch.nn.Module:
+    from tandem.train.models import create_model
+
     return create_model(cfg.model.name, cfg.data.channels, cfg.data.image_size, classes, cfg.model.width,
                         cfg.model.dropout)
 
 
+def _write_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """model.onnx as tandem.export.onnx_bundle.export_onnx writes a bundle's (TorchScript exporter, opset 17,
+    tensors "input" / "logits", dynamic batch); kept here until that writer sits below hardware/ in the layers."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
+                          dynamo=False, opset_version=17,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+
+
 def inference_graph(cfg, classes: int) -> tuple[bytes, int]:
     """(model.onnx as `tandem export` writes it for this config, with fresh weights; trainable parameters)."""
-    from tandem.export.onnx_bundle import export_onnx
+    import torch
 
     torch.manual_seed(cfg.seed)
     model = _model(cfg, classes).eval()
@@ -38,17 +57,19 @@ def inference_graph(cfg, classes: int) -> tuple[bytes, int]:
     example = torch.zeros(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        export_onnx(model, example, path)  # the exporter and settings of a bundle's model.onnx
+        _write_onnx(model, example, path)  # the exporter and settings of a bundle's model.onnx
         return path.read_bytes(), trainable
 
 
 def gemm_peaks(precisions: list[str], sizes: tuple[int, ...] = (512, 1024), seconds: float = 0.15) -> dict[str, float]:
     """FLOP/s of PyTorch's matrix product per precision on this CPU (best run over a few sizes, as
     tandem.hardware.probe.gemm_flops): what a training step can reach."""
+    import torch
+
     peaks = {}
     for precision in precisions:
         for n in sizes:
-            a = torch.randn(n, n).to(_DTYPES[precision])
+            a = torch.randn(n, n).to(_dtype(precision))
             out = torch.empty_like(a)
             torch.mm(a, a, out=out)
             best, runs, stop = float("inf"), 0, time.perf_counter() + seconds
@@ -64,6 +85,8 @@ def gemm_peaks(precisions: list[str], sizes: tuple[int, ...] = (512, 1024), seco
 def saved_activation_bytes(model: torch.nn.Module, forward) -> int:
     """Bytes of the tensors autograd saves for the backward pass while `forward()` runs (each storage once;
     the parameters themselves not counted): the activation memory of a training step."""
+    import torch
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -83,7 +106,11 @@ def measure_training_step(cfg, classes: int, batch: int, precision: str, seconds
     """Time the training loop's step (forward, backward, optimizer) on random images of the config's shape, in the
     loop's settings (channels_last, its optimizer, autocast, deterministic CPU kernels); no data loading or
     augmentation. Returns the median and best step time and the activation bytes autograd saved."""
+    import torch
+    import torch.nn.functional as F
+
     from tandem.train.loop import make_optimizer
+    from tandem.train.models import count_parameters
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -96,7 +123,7 @@ def measure_training_step(cfg, classes: int, batch: int, precision: str, seconds
         x = torch.randn(batch, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
         x = x.contiguous(memory_format=memory_format)
         y = torch.randint(0, classes, (batch,))
-        amp = _DTYPES[precision] if precision != "fp32" else None
+        amp = _dtype(precision) if precision != "fp32" else None
 
         def forward() -> torch.Tensor:
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
