@@ -3,6 +3,7 @@ request body, however malformed, gets a 5xx (hypothesis fuzzing against the app 
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import threading
@@ -52,7 +53,8 @@ def _kill_mid_stream_and_restart(repo, config_file, tmp_path) -> None:
                 if status == 200:
                     with lock:
                         acknowledged.append((pid, str(json.loads(body)["feedback_id"]), label))
-            except OSError:  # the server is gone: what it acknowledged before is what counts
+            except (OSError, http.client.HTTPException):  # the server is gone (a refused connection, or a reply
+                # cut between its headers and its body: IncompleteRead): not acknowledged; what was before counts
                 return
 
     try:

@@ -149,7 +149,7 @@ def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-") and p not in _TYPE_TAGS)
 
 
-def _explain(err: ValidationError) -> str:
+def explain_validation(err: ValidationError) -> str:
     first = err.errors()[0]
     path = _field_path(first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
@@ -202,7 +202,7 @@ def config_from_dict(tree: dict) -> TrainConfig:
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
-        raise UserError(_explain(err)) from None
+        raise UserError(explain_validation(err)) from None
 
 
 def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict:

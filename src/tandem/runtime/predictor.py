@@ -6,6 +6,8 @@
     predictor = Predictor.load("bundle/", precision="fp32")          # or always the fp32 model.onnx
     predictor = Predictor.load("bundle/", streams=2)                 # throughput: 2 batches at once, cores/2 threads each
     predictor.top_k([array, pil_image, "cat.png"], k=3)             # any image form, in memory
+    pixels, fmt = predictor.decode(png_bytes)                        # what a server does: decode, preprocess, rank
+    predictor.rank(run(predictor.preprocess(pixels[None])), k=3)
     for path, preds, error in predictor.predict_files(["photos/"]):  # files and folders, streamed
         print(path, preds[0].label if preds else error)
 """
@@ -23,7 +25,7 @@ import numpy as np
 
 from tandem.bundle import read_bundle_file, read_manifest, verify_bundle_signature, verify_files
 from tandem.errors import UserError
-from tandem.images import RESIZE_MODES, decode_file_batches, expand_paths, to_pixels
+from tandem.images import RESIZE_MODES, decode_file_batches, decode_image_bytes, expand_paths, to_pixels
 from tandem.runtime.preprocess import preprocess
 
 # The runtime's model files by precision. model.int8.onnx is optional: export keeps it only where it passed
@@ -83,6 +85,12 @@ def best_classes(probs: np.ndarray, k: int) -> np.ndarray:
     """The indices of the k most probable classes, best first, along the last axis (a tie goes to the lower
     index). The one ranking of tandem: the predictor, the server and the explanations all use it."""
     return np.argsort(-probs, axis=-1, kind="stable")[..., :min(k, probs.shape[-1])]
+
+
+def ranked(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of logits (N, classes) -> (their float32 probabilities, each row's k best classes, best first)."""
+    probs = softmax(logits.astype(np.float32, copy=True))
+    return probs, best_classes(probs, k)
 
 
 class Predictor:
@@ -182,6 +190,22 @@ class Predictor:
         predictor._check_against_the_graph()
         return predictor
 
+    def decode(self, data: bytes, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+        """One encoded image (PNG, JPEG, ...) -> (uint8 (H, W, C) at the bundle's size, channels and resize
+        mode, its format); a UserError saying what is wrong. max_pixels: refuse larger images undecoded."""
+        return decode_image_bytes(data, self.image_size, self.channels, self.resize, max_pixels)
+
+    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) -> the model's float32 (N, C, H, W) input, with the manifest's mean and std."""
+        return preprocess(pixels, self.mean, self.std)
+
+    def rank(self, scores: np.ndarray, k: int, probabilities: bool = False) -> list[list[Prediction]]:
+        """Rows of logits (or of probabilities, with probabilities=True) -> each row's k most probable classes,
+        best first."""
+        if probabilities:
+            return self._top_k(scores, k)
+        return self._predictions(*ranked(scores, k))
+
     def pixels(self, images: Any) -> np.ndarray:
         """Any supported image form -> uint8 (N, H, W, C) at the bundle's size, channels and resize mode."""
         return to_pixels(images, self.image_size, self.channels, self.resize)
@@ -215,7 +239,9 @@ class Predictor:
         return self._top_k(softmax(self.logits(images)), k)
 
     def _top_k(self, probs: np.ndarray, k: int) -> list[list[Prediction]]:
-        best = best_classes(probs, k)
+        return self._predictions(probs, best_classes(probs, k))
+
+    def _predictions(self, probs: np.ndarray, best: np.ndarray) -> list[list[Prediction]]:
         return [[Prediction(self.labels[j], int(j), float(row[j])) for j in order] for row, order in zip(probs, best)]
 
     def predict_files(self, paths: Iterable[str | Path], k: int = 5,

@@ -23,7 +23,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tandem.config import _explain, describe_keys, read_yaml_mapping
+from tandem.config import describe_keys, explain_validation, read_yaml_mapping
 from tandem.errors import UserError
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a folder name, never a path ("..", "a/b")
@@ -158,7 +158,7 @@ def load_serve_config(path: str | Path | None = None, overrides: dict | None = N
     try:
         return ServeConfig.model_validate(tree)
     except ValidationError as err:
-        message = _explain(err).replace("`tandem config`", "`tandem serve --help-config`")
+        message = explain_validation(err).replace("`tandem config`", "`tandem serve --help-config`")
         raise UserError(message.replace("config: ", "serve config: ", 1).replace("config key", "serve config key")) from None
 
 

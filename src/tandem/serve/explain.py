@@ -77,10 +77,10 @@ def explain_image(model: ModelVersion, pixels: np.ndarray, target: int | None, w
         observe("rules", time.perf_counter() - occluded)
     ended = time.perf_counter()
     probs, labels = found.probabilities, predictor.labels
-    order = np.argsort(-probs, kind="stable")[:min(top_k, len(probs))]
     answer = {"model": model.name, "version": model.version, "precision": predictor.precision,
               "image": {"shape": list(pixels.shape), "png_base64": base64.b64encode(_png(pixels)).decode()},
-              "top_k": [{"label": labels[j], "index": int(j), "probability": float(probs[j])} for j in order],
+              "top_k": [{"label": c.label, "index": c.index, "probability": c.probability}
+                        for c in predictor.rank(probs[None], top_k, probabilities=True)[0]],
               "heatmap": {"method": "occlusion", "target": found.target, "label": labels[found.target],
                           "probability": float(probs[found.target]), "window": found.window, "stride": found.stride,
                           "windows": windows, "shape": list(found.heatmap.shape), "values": found.heatmap.tolist(),

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tandem.errors import UserError
+from tandem.runtime.predictor import best_classes
 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES = {"BOOL": np.dtype(np.bool_), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"),
@@ -230,7 +231,7 @@ def _outputs(requested: Any, spec: TensorSpec, default_binary: bool) -> list[Out
 
 def classification(logits: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     """Triton's classification extension: the top k per row as b"value:index:label", best first."""
-    best = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    best = best_classes(logits, k)  # the logits' order is the probabilities'
     return np.array([[f"{row[j]:f}:{j}:{labels[j]}".encode() for j in order] for row, order in zip(logits, best)],
                     dtype=object)
 

@@ -13,7 +13,8 @@ Writes never run on the event loop: one writer thread takes everything queued, w
 with synchronous=NORMAL, which survives a killed process (sync="full" also survives a power loss); on
 PostgreSQL a commit is durable. A failed write fails only its own waiters (`StoreError`); the writer goes on.
 Inputs are kept in a bounded in-memory cache (oldest evicted) and written only when feedback arrives for them.
-The schema carries a version (`SCHEMA_VERSION`); a database written by a newer tandem is refused.
+The schema carries a version (`SCHEMA_VERSION`); a database written by a newer tandem is refused. The tables,
+URLs, engine and schema: serve/database.py.
 """
 
 from __future__ import annotations
@@ -27,29 +28,19 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import exc as sa_exc
 
 from tandem.errors import UserError
+from tandem.serve.database import (NotFound, StoreError, connection_problem, create_engine, create_schema, database_url,
+                                   feedback_table, one_line, predictions,
+                                   schema_version_table)
 
-SCHEMA_VERSION = 1
 SYNC_MODES = ("normal", "full")
 MAX_FEEDBACK_PAGE = 1000
 _MAX_BATCH = 4096  # requests per transaction: bounds one transaction, not the throughput
-_BUSY_TIMEOUT_MS = 10_000
 _MAX_ID = 2**31 - 1  # feedback ids are 32-bit integers on PostgreSQL
-_URL_HINT = "set store.url in the serve config to a file path, sqlite:///PATH or postgresql://USER@HOST:PORT/DB"
-
-
-class StoreError(UserError):
-    """The database could not take a write (down, full, locked, ...): the server answers 503."""
-
-
-class NotFound(UserError):
-    """Feedback for a prediction that does not exist, or that another model made: the server answers 404."""
 
 
 @dataclass(frozen=True)
@@ -68,71 +59,6 @@ class PredictionRecord:
     endpoint: str
     image: bytes | None = None
     image_format: str | None = None
-
-
-metadata = sa.MetaData()
-schema_version_table = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer, nullable=False))
-predictions = sa.Table(
-    "predictions", metadata,
-    sa.Column("id", sa.String(64), primary_key=True),
-    sa.Column("model", sa.String(64), nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("created", sa.Double, nullable=False),
-    sa.Column("input_digest", sa.String(128), nullable=False),
-    sa.Column("top_k", sa.Text, nullable=False),
-    sa.Column("latency_ms", sa.Double, nullable=False),
-    sa.Column("queue_ms", sa.Double, nullable=False),
-    sa.Column("compute_ms", sa.Double, nullable=False),
-    sa.Column("endpoint", sa.String(32), nullable=False),
-)
-feedback_table = sa.Table(
-    "feedback", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("prediction_id", sa.String(64), nullable=False),
-    sa.Column("model", sa.String(64), nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("label", sa.Text, nullable=False),
-    sa.Column("predicted", sa.Text, nullable=True),
-    sa.Column("created", sa.Double, nullable=False),
-    sa.Column("image", sa.LargeBinary, nullable=True),
-    sa.Column("image_format", sa.String(16), nullable=True),
-    sa.Index("feedback_by_model", "model", "id"),
-)
-
-
-def database_url(url: str) -> sa.URL:
-    """The SQLAlchemy URL for a store.url: a plain path is SQLite; postgres(ql):// uses psycopg 3."""
-    text = str(url).strip()
-    if not text:
-        raise UserError(f"store.url is empty; {_URL_HINT}")
-    if "://" not in text:
-        if text == ":memory:":
-            raise UserError(f"store.url names an in-memory SQLite database, which would lose every prediction; "
-                            f"{_URL_HINT}")
-        return sa.URL.create("sqlite", database=str(Path(text).expanduser()))
-    scheme, rest = text.split("://", 1)
-    if scheme.lower() in ("postgresql", "postgres", "postgresql+psycopg"):
-        text = "postgresql+psycopg://" + rest
-    elif scheme.lower() not in ("sqlite", "sqlite+pysqlite"):
-        raise UserError(f"store.url {scheme}:// is not supported (SQLite or PostgreSQL only); {_URL_HINT}")
-    try:
-        parsed = sa.make_url(text)
-    except sa_exc.ArgumentError as e:
-        raise UserError(f"store.url is not a database URL ({e}); {_URL_HINT}") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise UserError(f"store.url names an in-memory SQLite database, which would lose every prediction; {_URL_HINT}")
-    return parsed
-
-
-def _one_line(e: BaseException) -> str:
-    orig = getattr(e, "orig", None) or e
-    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
-    return f"{type(orig).__name__}: {lines[0] if lines else 'no message'}"
-
-
-def _connection_problem(e: BaseException) -> bool:
-    """True when the database itself is unreachable, so retrying requests one by one cannot help."""
-    return isinstance(e, (sa_exc.OperationalError, sa_exc.InterfaceError)) or bool(getattr(e, "connection_invalidated", False))
 
 
 def _resolve(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -215,56 +141,10 @@ class Store:
 
     # -- setup ---------------------------------------------------------------------------------------
     def _create_engine(self) -> sa.Engine:
-        if self.url.get_backend_name() == "sqlite":
-            path = Path(self.url.database)
-            if path.is_dir():
-                raise UserError(f"store.url {self.display_url} is a folder; give a file path such as {path / 'tandem-serve.sqlite'}")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"cannot create the folder for the store {path}: {e.strerror}; {_URL_HINT}") from None
-            engine = sa.create_engine(self.url, connect_args={"check_same_thread": False, "timeout": _BUSY_TIMEOUT_MS / 1000},
-                                      pool_size=8, max_overflow=16)
-            synchronous = self.sync.upper()
-
-            @sa.event.listens_for(engine, "connect")
-            def _sqlite_connect(dbapi_connection, _record):
-                dbapi_connection.isolation_level = None  # SQLAlchemy's BEGIN below, not pysqlite's guesswork
-                cursor = dbapi_connection.cursor()
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute(f"PRAGMA synchronous={synchronous}")
-                cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-                cursor.close()
-
-            @sa.event.listens_for(engine, "begin")
-            def _sqlite_begin(connection):
-                connection.exec_driver_sql("BEGIN")
-
-            return engine
-        connect_args = {} if "connect_timeout" in self.url.query else {"connect_timeout": 10}
-        try:
-            return sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=16, connect_args=connect_args)
-        except (sa_exc.ArgumentError, sa_exc.NoSuchModuleError, ImportError) as e:
-            raise UserError(f"cannot use store.url {self.display_url}: {_one_line(e)}; {_URL_HINT}") from None
+        return create_engine(self.url, self.display_url, self.sync)
 
     def _create_schema(self) -> None:
-        try:
-            with self.engine.begin() as conn:
-                if sa.inspect(conn).has_table("schema_version"):
-                    found = conn.execute(sa.select(sa.func.max(schema_version_table.c.version))).scalar()
-                    if found is not None and found > SCHEMA_VERSION:
-                        raise UserError(
-                            f"the store {self.display_url} has schema version {found}, newer than this tandem "
-                            f"understands ({SCHEMA_VERSION}); upgrade tandem or point store.url at another database")
-                    metadata.create_all(conn)
-                    if found is None:
-                        conn.execute(schema_version_table.insert().values(version=SCHEMA_VERSION))
-                else:
-                    metadata.create_all(conn)
-                    conn.execute(schema_version_table.insert().values(version=SCHEMA_VERSION))
-        except sa_exc.SQLAlchemyError as e:
-            raise UserError(f"cannot open the store {self.display_url} ({_one_line(e)}); check store.url in the serve "
-                            "config and that the database server is running and reachable") from None
+        create_schema(self.engine, self.display_url)
 
     def schema_version(self) -> int | None:
         with self.engine.connect() as conn:
@@ -330,18 +210,18 @@ class Store:
                     self._write(batch)
                 except BaseException as e:  # never let the writer die: fail this batch and go on
                     for request in batch:
-                        _resolve(request.future, error=StoreError(f"the prediction store failed ({_one_line(e)})"))
+                        _resolve(request.future, error=StoreError(f"the prediction store failed ({one_line(e)})"))
 
     def _write(self, batch: list[_Request]) -> None:
         try:
             with self.engine.begin() as conn:
                 results = self._apply(conn, batch)
         except Exception as e:
-            if len(batch) > 1 and not _connection_problem(e):
+            if len(batch) > 1 and not connection_problem(e):
                 for request in batch:  # one bad request (a duplicate id, ...) must not fail the others
                     self._write([request])
                 return
-            error = StoreError(f"the prediction store could not write ({_one_line(e)}); is the database "
+            error = StoreError(f"the prediction store could not write ({one_line(e)}); is the database "
                                f"{self.display_url} up?")
             for request in batch:
                 _resolve(request.future, error=error)
