@@ -15,8 +15,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tandem.config import TrainConfig
-from tandem.train.distributed import init_distributed, make_engine
-from tandem.train.loop import make_optimizer
+from tandem.train.optim import make_optimizer
+from tandem.train.parallel import make_engine
+from tandem.train.parallel.group import init_distributed
 from tandem.train.models import create_model
 
 
