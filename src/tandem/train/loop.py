@@ -171,6 +171,18 @@ def _build(run: Run) -> None:
     run.val_batches = index_batches(len(run.val_data), 512, dist_.rank, dist_.world)
 
 
+def _plural(count: int, word: str, spec: str = "") -> str:
+    return f"{count:{spec}} {word}{'' if count == 1 else 's'}"
+
+
+def _folded_parameters(model: torch.nn.Module) -> int:
+    """The parameters left once export folds each batch norm into the bias-free conv before it: its scale and
+    shift (2 per channel) become that conv's bias (1 per channel)."""
+    kinds = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+    norms = [m for m in model.modules() if isinstance(m, kinds) and m.affine]
+    return count_parameters(model) - sum(m.num_features for m in norms)
+
+
 def _announce(run: Run, state: LoopState) -> None:
     cfg, splits, log, model = run.cfg, run.splits, run.log, run.engine.model
     log(f"config:\n{dump_config(cfg)}")
@@ -180,8 +192,10 @@ def _announce(run: Run, state: LoopState) -> None:
         init = state.init_from
         log(f"fine-tuning from {init['bundle']}: {len(init['classes_kept'])} classes kept, "
             f"{len(init['classes_new'])} new ({', '.join(init['classes_new']) or 'none'})")
-    log(f"model: {cfg.model.name}, {count_parameters(model):,} parameters; device {run.device}, precision "
-        f"{run.precision}; {run.total_steps} steps of {cfg.batch_size} images; {run.engine.describe()}; "
+    count, folded = count_parameters(model), _folded_parameters(model)
+    params = _plural(count, "parameter", ",") + (f" ({folded:,} after batch norm is folded at export)" if folded != count else "")
+    log(f"model: {cfg.model.name}, {params}; device {run.device}, precision {run.precision}; "
+        f"{_plural(run.total_steps, 'step')} of {cfg.batch_size} images; {run.engine.describe()}; "
         f"compile={run.compiled}")
 
 
@@ -193,7 +207,7 @@ class _Progress:
         self.total = run.total_steps
         show = run.dist.is_main and run.cfg.progress
         self.bar = _bar(self.total, state.step) if show and sys.stderr.isatty() else None
-        self.notes = False
+        self.notes = show and self.bar is None
         self.last_note = time.perf_counter()
 
     @property
@@ -321,7 +335,7 @@ def _epoch(run: Run, state: LoopState, sums, captured, progress: _Progress, t_la
         if improved or saving or state.stopped_early:
             save(run, state, synced=end)
         if state.stopped_early:
-            run.log(f"early stopping: validation accuracy has not improved for {state.bad_epochs} epochs")
+            run.log(f"early stopping: validation accuracy has not improved for {_plural(state.bad_epochs, 'epoch')}")
         t_last = time.perf_counter()  # validation and checkpoint I/O are not training time
         if end or state.stopped_early:
             break

@@ -108,8 +108,13 @@ def _read_newest(run: Run) -> tuple[LoopState, torch.Tensor | None]:
         engine.comm_bytes = state.comm_bytes  # the job's count goes on from the checkpoint's
     else:
         state.running = no_examples()  # rank 0 carries the epoch's partial sums
-    log(f"resumed from {meta['path']} at step {state.step}" + (" (the run had stopped early: nothing left to train)"
-                                                               if state.stopped_early else ""))
+    if state.stopped_early:
+        note = " (the run had stopped early: nothing left to train)"
+    elif state.step >= run.total_steps:
+        note = f" (the run was already complete at step {state.step}: nothing left to train; evaluating it again)"
+    else:
+        note = ""
+    log(f"resumed from {meta['path']} at step {state.step}{note}")
     return state, trainer["rng.augment"]
 
 
