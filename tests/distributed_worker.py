@@ -7,6 +7,7 @@ optimizer step, whether all ranks hold bitwise identical parameters.
 """
 
 import json
+import os
 import sys
 from contextlib import nullcontext
 
@@ -15,9 +16,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from tandem.config import TrainConfig
-from tandem.train.distributed import init_distributed, make_engine
-from tandem.train.loop import make_optimizer
 from tandem.train.models import create_model
+from tandem.train.optim import make_optimizer
+from tandem.train.parallel import make_engine
+from tandem.train.parallel.group import init_distributed
 
 
 def main() -> None:
@@ -43,10 +45,13 @@ def main() -> None:
     if dist_.is_main:
         with open(out, "w") as handle:
             json.dump({"identical": identical, "comm_bytes": engine.comm_bytes}, handle)
-    # Leave together, as tandem's loop does: a process that tears gloo down while its peer is still closing
-    # the connections can abort in C++ ("terminate called without an active exception").
+    # Leave together, then skip gloo's teardown: with the work done and its result written, a process that
+    # destroys the group (or runs its C++ destructors at exit) while its peer is still closing the connections
+    # can abort ("terminate called without an active exception") even after a barrier: a flaky non-zero exit.
     dist_.barrier()
-    dist_.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def loss_fn(cfg: TrainConfig):
 
 def optimizer_for(cfg: TrainConfig, named_parameters) -> torch.optim.Optimizer:
     """loop.make_optimizer over the parameters an engine says its process updates."""
-    from tandem.train.loop import make_optimizer
+    from tandem.train.optim import make_optimizer
 
     return make_optimizer(cfg, list(named_parameters))
 
@@ -89,7 +89,7 @@ def train(cfg: TrainConfig, dist_, device, resume_after: int | None = None) -> d
     (full state saved, a fresh engine built from other weights loads it and goes on)."""
     import torch.distributed as dist
 
-    from tandem.train.distributed import make_engine
+    from tandem.train.parallel import make_engine
 
     def start(seed):
         model = build(cfg, seed)
@@ -153,7 +153,7 @@ def scenarios(world: int) -> dict[str, tuple[TrainConfig, int | None]]:
 
 
 def main() -> None:
-    from tandem.train.distributed import init_distributed
+    from tandem.train.parallel.group import init_distributed
 
     world, out_dir = int(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)

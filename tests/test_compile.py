@@ -138,7 +138,7 @@ def test_compile_inductor_without_a_compiler_says_so(monkeypatch):
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_a_resumed_optimizer_takes_this_runs_capturable_choice(name):
     """load_state_dict brings back the checkpoint's fused / capturable flags; set_capturable puts this run's back."""
-    from tandem.train.loop import make_optimizer, set_capturable
+    from tandem.train.optim import make_optimizer, set_capturable
 
     cfg = TrainConfig.model_validate({"optim": {"name": name}})
     model = torch.nn.Linear(3, 2)
@@ -183,7 +183,7 @@ def test_inductor_gives_eager_gradients_and_a_plain_checkpoint(small_npz, tmp_pa
 
     import torch.nn.functional as F
 
-    from tandem.train.distributed import Engine
+    from tandem.train.parallel.engine import Engine
     from tandem.train.models import create_model
 
     torch.manual_seed(0)

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from tandem.errors import UserError
-from tandem.train.distributed import Dist
-from tandem.train.parallel import PipelineParallel, TensorParallel, balanced_split
+from tandem.train.parallel.group import Dist
+from tandem.train.parallel.pipeline import PipelineParallel, balanced_split
+from tandem.train.parallel.tensor import TensorParallel
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TOL = 1e-5

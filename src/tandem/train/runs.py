@@ -169,6 +169,6 @@ def resume_config(run: str | Path, overrides: list[str]) -> TrainConfig:
     refused = [(k, a, b) for k, a, b in _changes(saved.model_dump(), wanted.model_dump()) if k not in SAFE_ON_RESUME]
     if refused:
         listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, a, b in refused)
-        raise UserError(f"--resume cannot change {listed}: the run's split, data, model or schedule would change "
-                        f"mid-run; start a new run instead. A resume may change only {', '.join(SAFE_ON_RESUME)}")
+        raise UserError(f"--resume cannot change {listed}: its data, split, model, optimizer, schedule, augmentation "
+                        f"or length would change mid-run; start a new run instead. A resume may change only {', '.join(SAFE_ON_RESUME)}")
     return wanted.model_copy(update={"out_dir": str(run_dir)})
