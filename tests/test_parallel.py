@@ -1,4 +1,4 @@
-"""Tensor and pipeline parallelism (train/parallel.py) against one process with the same seed.
+"""Tensor and pipeline parallelism (train/parallel/) against one process with the same seed.
 
 Two torchrun jobs (2 and 4 processes, gloo) run tests/parallel_worker.py once each; the tests compare what they
 saved with one process built here: tensor parallel = the same batch in one piece; pipeline = one process with

@@ -109,7 +109,7 @@ def measure_training_step(cfg, classes: int, batch: int, precision: str, seconds
     import torch
     import torch.nn.functional as F
 
-    from tandem.train.loop import make_optimizer
+    from tandem.train.optim import make_optimizer
     from tandem.train.models import count_parameters
 
     was_deterministic = torch.are_deterministic_algorithms_enabled()

@@ -3,8 +3,8 @@
     model = create_model("cnn", in_channels=1, image_size=28, num_classes=10, width=16)
 
 Every model takes float32 (N, C, H, W) and returns logits (N, classes), and exports to ONNX. Every model is a
-top-level nn.Sequential (train/parallel.py cuts it into pipeline stages between its children), and a model may
-have a tensor-parallel plan in TENSOR_PLANS (which children train/parallel.py shards, and how).
+top-level nn.Sequential (train/parallel/pipeline.py cuts it into pipeline stages between its children), and a model may
+have a tensor-parallel plan in TENSOR_PLANS (which children train/parallel/tensor.py shards, and how).
 """
 
 from __future__ import annotations
