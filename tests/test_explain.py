@@ -373,7 +373,7 @@ def test_occlusion_through_the_command_imports_no_torch(trained_bundle, photo_fo
     """An inference-only install explains by occlusion, on images and on the test split."""
     code = f"""
 import argparse, sys
-from tandem.explain.commands import register
+from tandem.cli.explain import register
 parser = argparse.ArgumentParser()
 register(parser.add_subparsers())
 for argv in ([{str(trained_bundle)!r}, {str(photo_folder / 'a')!r}, '--method', 'occlusion', '--out', {str(tmp_path)!r}],
@@ -389,19 +389,19 @@ print('ok')
 
 
 def test_without_torch_the_default_is_occlusion_with_a_note(monkeypatch):
-    from tandem.explain import commands
+    from tandem.explain import methods as commands
 
     monkeypatch.setattr(commands, "torch_side_installed", lambda: False)
     method, note = commands.default_method()
     assert method == "occlusion" and "tandem[explain]" in note
     with pytest.raises(UserError, match="--method ig needs torch and captum"):
-        commands._require_torch_side("ig")
+        commands.require_torch_side("ig")
     methods, notes = commands.parse_methods(None)
     assert methods == ["occlusion"] and "only occlusion is scored" in notes[0]
 
 
 def test_output_names_never_collide(tmp_path):
-    from tandem.explain.commands import output_names
+    from tandem.explain.explain_images import output_names
 
     files = [tmp_path / "a" / "cat.png", tmp_path / "b" / "cat.png", tmp_path / "a" / "cat.jpg", tmp_path / "dog.png"]
     names = output_names(files)
