@@ -406,3 +406,27 @@ def test_output_names_never_collide(tmp_path):
     files = [tmp_path / "a" / "cat.png", tmp_path / "b" / "cat.png", tmp_path / "a" / "cat.jpg", tmp_path / "dog.png"]
     names = output_names(files)
     assert names == ["a_cat_png", "b_cat", "a_cat_jpg", "dog"] and len(set(names)) == len(names)
+
+
+def test_evaluate_off_a_terminal_prints_a_line_every_few_seconds(capsys):
+    from tandem.cli.args import LineProgress
+
+    now = [0.0]
+    progress = LineProgress("explain --evaluate", every=5.0, clock=lambda: now[0])
+    task = progress.add_task("occlusion", total=10)
+    for _ in range(9):
+        now[0] += 1.0  # 9 s in all: one line at 5 s
+        progress.advance(task, 1)
+    progress.advance(task, 1)  # done: a last line
+    progress.remove_task(task)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["explain --evaluate: occlusion 0/10 ...", "explain --evaluate: occlusion 5/10 ...",
+                     "explain --evaluate: occlusion 10/10"]
+
+
+def test_evaluate_through_a_pipe_says_what_it_is_doing(trained_bundle):
+    proc = run_tandem("explain", str(trained_bundle), "--evaluate", "--methods", "occlusion", "--limit", "3", "--json",
+                      check=True)
+    assert json.loads(proc.stdout)["images"] == 3  # stdout holds only the report
+    assert "explain --evaluate: loading the bundle and data ..." in proc.stderr
+    assert "explain --evaluate: occlusion 3/3" in proc.stderr

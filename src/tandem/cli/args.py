@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 def counted(low: int, high: int = 2**31 - 1):
@@ -89,3 +90,36 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class LineProgress:
+    """Off a terminal (logs, CI), what a rich Progress shows: the calls the library makes on one (add_task,
+    advance, remove_task) become a line on stderr when a task starts, at most one every `every` seconds while it
+    advances, and one when it completes, so a long run shows it is alive."""
+
+    def __init__(self, prefix: str, every: float = 5.0, clock=time.monotonic):
+        self.prefix, self.every, self.clock = prefix, every, clock
+        self.tasks: dict[int, list] = {}  # task -> [description, total, completed]
+        self.last = clock()
+
+    def add_task(self, description: str, total: int | None = None, **_) -> int:
+        task = len(self.tasks)
+        self.tasks[task] = [description, total, 0]
+        self._say(task)
+        return task
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        entry = self.tasks[task]
+        entry[2] += advance
+        if self.clock() - self.last >= self.every or (entry[1] is not None and entry[2] >= entry[1]):
+            self._say(task)
+
+    def remove_task(self, task: int) -> None:
+        self.tasks.pop(task, None)
+
+    def _say(self, task: int) -> None:
+        description, total, done = self.tasks[task]
+        count = "" if total is None else f" {done:g}/{total}"
+        end = "" if total is not None and done >= total else " ..."
+        print(f"{self.prefix}: {description}{count}{end}", file=sys.stderr, flush=True)
+        self.last = self.clock()

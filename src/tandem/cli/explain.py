@@ -17,7 +17,7 @@ import argparse
 import sys
 from typing import Any
 
-from tandem.cli.args import counted, print_json
+from tandem.cli.args import LineProgress, counted, print_json
 from tandem.errors import UserError
 from tandem.explain.methods import METHODS, SCHEMA, TITLES
 
@@ -208,8 +208,9 @@ def _evaluate(args) -> int:
         with bar:
             report = evaluate_bundle(args.bundle, methods, args.limit, args.steps, args.seed, args.window, args.stride,
                                      bar)
-    else:
-        report = evaluate_bundle(args.bundle, methods, args.limit, args.steps, args.seed, args.window, args.stride)
+    else:  # off a terminal: a line every few seconds instead of a bar
+        report = evaluate_bundle(args.bundle, methods, args.limit, args.steps, args.seed, args.window, args.stride,
+                                 LineProgress("explain --evaluate"))
     if args.json:
         print_json(report)
     else:
