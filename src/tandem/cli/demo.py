@@ -15,6 +15,8 @@ def register(sub) -> None:
                    help="seed of the split, the initial weights and the augmentation (default: %(default)s)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 on GPUs and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32")
+    p.add_argument("--verbose", action="store_true", help="also print the full training config (always in "
+                   "OUT/run/config.yaml)")
     p.add_argument("--json", action="store_true", help="print report.json instead of the tables")
     p.set_defaults(func=cmd_demo)
 
@@ -22,7 +24,8 @@ def register(sub) -> None:
 def cmd_demo(args) -> int:
     from tandem.demo import run_demo
 
-    report = run_demo(args.out, epochs=args.epochs, quiet=args.json, seed=args.seed, precision=args.precision)
+    report = run_demo(args.out, epochs=args.epochs, quiet=args.json, seed=args.seed, precision=args.precision,
+                      verbose=args.verbose)
     if args.json:
         print_json(report)
     return 0
