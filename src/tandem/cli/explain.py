@@ -260,7 +260,9 @@ def _show(args) -> int:
         print_json({"schema": rules.data["schema"], "bundle": str(args.bundle), **m, "concepts": len(rules.concepts),
                      "concept_list": rules.concepts, "rules": rules.text(), "tree": rules.tree})
         return 0
-    print(f"rules stored in {args.bundle}: {len(rules.concepts)} concepts, {m['leaves']} leaves, depth {m['depth']}; "
+    concepts = len(rules.concepts)
+    print(f"rules stored in {args.bundle}: {concepts} concept{'' if concepts == 1 else 's'}, {m['leaves']} "
+          f"{'leaf' if m['leaves'] == 1 else 'leaves'}, depth {m['depth']}; "
           f"fidelity {m['fidelity']:.1%} on {m['test_images']} test images, accuracy {m['accuracy']:.1%}")
     print()
     print(rules.text())

@@ -98,7 +98,7 @@ def format_evaluation(report: dict) -> str:
     random = report["random"]
     lines = [f"faithfulness of {report['bundle']} on {report['images']} of its {report['test_images']} test images "
              f"(accuracy {report['accuracy']:.1%}): pixels removed to black / put back into black in "
-             f"{report['steps']} steps, tracking the probability of the predicted class; random order seed "
+             f"{report['steps']} step{'' if report['steps'] == 1 else 's'}, tracking the probability of the predicted class; random order seed "
              f"{report['seed']}", "",
              f"{'method':<22} {'deletion AUC':>12} {'x random':>9} {'insertion AUC':>13} {'x random':>9} "
              f"{'s/image':>8}  verdict",

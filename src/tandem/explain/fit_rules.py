@@ -94,7 +94,7 @@ def fit_rules(bundle: str | Path, max_leaves: int = MAX_LEAVES, concepts: int | 
     if f_train.shape[1] != dims:
         raise UserError(f"bundle {bundle}: {readout.tensor} has {f_train.shape[1]} values, the last layer reads {dims}")
 
-    log(f"rules: {concepts} concepts by NMF of "
+    log(f"rules: {concepts} concept{'' if concepts == 1 else 's'} by NMF of "
         f"{'the part of the activation the last layer reads' if space == 'used' else 'the whole activation'}")
     scores_json = _fit_concepts(f_train, readout.weight, space, concepts, NMF)
     spec = load_scores(json.loads(json.dumps(scores_json)))  # exactly what the runtime will compute with

@@ -113,7 +113,7 @@ def format_report(report: dict) -> str:
         "the whole penultimate layer"
     agree = round(report["fidelity"] * report["test_images"])
     lines = [
-        f"rules for {report['bundle']}: {report['concepts']} concepts (NMF of {where}, {report['feature_tensor']}, "
+        f"rules for {report['bundle']}: {report['concepts']} concept{'' if report['concepts'] == 1 else 's'} (NMF of {where}, {report['feature_tensor']}, "
         f"{report['feature_size']} values); a tree of {report['leaves']} "
         f"{'leaf' if report['leaves'] == 1 else 'leaves'}, depth {report['depth']}, fit on the "
         f"network's own predictions for {report['fit_images']:,} training images",

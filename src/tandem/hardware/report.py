@@ -114,7 +114,7 @@ def format_training(report: dict) -> str:
     for r in report["measured"]:
         lines.append(f"host {r['precision']} (batch {r['batch']}, a real training step on random images): step "
                      f"predicted {format_seconds(r['predicted_step_s'])}, measured {format_seconds(r['median_s'])} "
-                     f"(median of {r['steps']} steps; best {format_seconds(r['best_s'])}): measured/predicted "
+                     f"(median of {r['steps']} step{'' if r['steps'] == 1 else 's'}; best {format_seconds(r['best_s'])}): measured/predicted "
                      f"{r['ratio']:.2f} (best {r['best_ratio']:.2f}); activations predicted "
                      f"{format_bytes(r['predicted_activation_bytes'])}, measured {format_bytes(r['activation_bytes'])} "
                      f"(tensors autograd saved): {r['activation_ratio']:.2f}; epoch about "
