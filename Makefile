@@ -13,12 +13,14 @@ STAMP := $(VENV)/.tandem-installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@echo "installing tandem and its dependencies into $(VENV) (first run: a few minutes; pip is quiet meanwhile)..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
+	@echo "running tandem demo: train, export, classify held-out images (the full config: tandem demo --verbose)"
 	$(BIN)/tandem demo
 
 test: $(STAMP)

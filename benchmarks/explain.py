@@ -7,7 +7,7 @@ method's faithfulness on the test split, and the fidelity of the extracted rules
 
 Occlusion: `tandem.explain.occlusion` on one test image at a time (window 4, stride 2: the 169 occluded copies
 and the image in one ONNX Runtime run, 2 threads), the median over --latency-images images. Faithfulness:
-`tandem explain BUNDLE --evaluate` (tandem.explain.commands.evaluate_bundle) over the whole test split: deletion
+`tandem explain BUNDLE --evaluate` (tandem.explain.evaluate.evaluate_bundle) over the whole test split: deletion
 and insertion AUCs of Integrated Gradients, Grad-CAM and occlusion against a seeded random order. For scale, a
 greedy deletion order (each step removes the pixels whose single removal lowers the probability most, found by
 trying every remaining pixel) on --oracle-images images: not an explanation method, an estimate of how low
@@ -142,7 +142,8 @@ def main() -> None:
 
 
 def run(args, bundle: Path) -> None:
-    from tandem.explain.commands import TITLES, evaluate_bundle
+    from tandem.explain.evaluate import evaluate_bundle
+    from tandem.explain.methods import TITLES
 
     print("occlusion: one test image at a time, through the runtime ...", file=sys.stderr, flush=True)
     latency = occlusion_latency(bundle, args.latency_images)

@@ -130,3 +130,16 @@ def test_output_piped_into_head_is_no_error():
 def test_export_tolerance_must_be_positive(tiny_run, tmp_path):
     proc = run_tandem("export", str(tiny_run.run_dir), "--out", str(tmp_path / "b"), "--atol", "0")
     assert proc.returncode == 2 and "argument --atol: 0 must be greater than 0" in proc.stderr
+
+
+def test_demo_keeps_the_config_to_the_run_folder_and_verbose(tmp_path):
+    from tandem.demo import training_log
+
+    said: list[str] = []
+    for verbose in (False, True):
+        log = training_log(lambda *a, **k: said.append(" ".join(map(str, a))), tmp_path / "run", verbose)
+        log("config:\nepochs: 1\nseed: 0\n")
+        log("export it:  tandem export run --out run/bundle")  # the demo exports the run itself
+        log("epoch 1/1")
+    assert said == [f"config: {tmp_path / 'run' / 'config.yaml'} (`tandem demo --verbose` prints it)", "epoch 1/1",
+                    "config:\nepochs: 1\nseed: 0\n", "epoch 1/1"]

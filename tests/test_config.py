@@ -36,6 +36,20 @@ def test_bad_values_name_the_field_and_the_range(override, expected):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override, guess", [("epoch=3", "epochs"), ("optim.lrr=1", "optim.lr"), ("optm.lr=1", "optim"),
+                                             ("data.chanels=3", "data.channels")])
+def test_a_mistyped_key_gets_a_did_you_mean(override, guess):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert f"(did you mean '{guess}'?)" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_key_like_no_other_gets_no_guess():
+    with pytest.raises(UserError) as err:
+        load_config(None, ["zzzz=1"])
+    assert "did you mean" not in str(err.value) and "`tandem config`" in str(err.value)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -47,3 +61,12 @@ def test_bad_files(tmp_path):
 def test_defaults_are_the_documented_ones():
     cfg = TrainConfig()
     assert (cfg.data.source, cfg.model.name, cfg.precision, cfg.device) == ("animals", "cnn", "auto", "auto")
+
+
+def test_a_mistyped_serve_key_gets_a_did_you_mean():
+    from tandem.serve.config import load_serve_config
+
+    with pytest.raises(UserError) as err:
+        load_serve_config(overrides={"batching": {"max_batch": 3}})
+    assert str(err.value).startswith("unknown serve config key 'batching.max_batch'")
+    assert "(did you mean 'batching.max_batch_size'?)" in str(err.value) and "`tandem serve --help-config`" in str(err.value)

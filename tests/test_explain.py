@@ -373,7 +373,7 @@ def test_occlusion_through_the_command_imports_no_torch(trained_bundle, photo_fo
     """An inference-only install explains by occlusion, on images and on the test split."""
     code = f"""
 import argparse, sys
-from tandem.explain.commands import register
+from tandem.cli.explain import register
 parser = argparse.ArgumentParser()
 register(parser.add_subparsers())
 for argv in ([{str(trained_bundle)!r}, {str(photo_folder / 'a')!r}, '--method', 'occlusion', '--out', {str(tmp_path)!r}],
@@ -389,20 +389,44 @@ print('ok')
 
 
 def test_without_torch_the_default_is_occlusion_with_a_note(monkeypatch):
-    from tandem.explain import commands
+    from tandem.explain import methods as commands
 
     monkeypatch.setattr(commands, "torch_side_installed", lambda: False)
     method, note = commands.default_method()
     assert method == "occlusion" and "tandem[explain]" in note
     with pytest.raises(UserError, match="--method ig needs torch and captum"):
-        commands._require_torch_side("ig")
+        commands.require_torch_side("ig")
     methods, notes = commands.parse_methods(None)
     assert methods == ["occlusion"] and "only occlusion is scored" in notes[0]
 
 
 def test_output_names_never_collide(tmp_path):
-    from tandem.explain.commands import output_names
+    from tandem.explain.explain_images import output_names
 
     files = [tmp_path / "a" / "cat.png", tmp_path / "b" / "cat.png", tmp_path / "a" / "cat.jpg", tmp_path / "dog.png"]
     names = output_names(files)
     assert names == ["a_cat_png", "b_cat", "a_cat_jpg", "dog"] and len(set(names)) == len(names)
+
+
+def test_evaluate_off_a_terminal_prints_a_line_every_few_seconds(capsys):
+    from tandem.cli.args import LineProgress
+
+    now = [0.0]
+    progress = LineProgress("explain --evaluate", every=5.0, clock=lambda: now[0])
+    task = progress.add_task("occlusion", total=10)
+    for _ in range(9):
+        now[0] += 1.0  # 9 s in all: one line at 5 s
+        progress.advance(task, 1)
+    progress.advance(task, 1)  # done: a last line
+    progress.remove_task(task)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["explain --evaluate: occlusion 0/10 ...", "explain --evaluate: occlusion 5/10 ...",
+                     "explain --evaluate: occlusion 10/10"]
+
+
+def test_evaluate_through_a_pipe_says_what_it_is_doing(trained_bundle):
+    proc = run_tandem("explain", str(trained_bundle), "--evaluate", "--methods", "occlusion", "--limit", "3", "--json",
+                      check=True)
+    assert json.loads(proc.stdout)["images"] == 3  # stdout holds only the report
+    assert "explain --evaluate: loading the bundle and data ..." in proc.stderr
+    assert "explain --evaluate: occlusion 3/3" in proc.stderr

@@ -127,7 +127,7 @@ def test_macs_agree_with_torch_for_every_model(name, size, channels):
 
 
 def _inspect(capsys, *argv) -> str:
-    from tandem.hardware.commands import register
+    from tandem.cli.hardware import register
 
     parser = argparse.ArgumentParser(prog="tandem")
     register(parser.add_subparsers(dest="command"))
@@ -224,7 +224,7 @@ def test_hardware_imports_no_torch(tiny_bundle):
     code = (
         "import argparse, sys\n"
         "import tandem.hardware.analysis, tandem.hardware.devices, tandem.hardware.plan, tandem.hardware.probe\n"
-        "from tandem.hardware.commands import register\n"
+        "from tandem.cli.hardware import register\n"
         "parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest='command'))\n"
         f"for argv in (['inspect', {str(tiny_bundle)!r}], ['plan', {str(tiny_bundle)!r}, '--device', 'host,stm32h7', "
         "'--seconds', '0.1'], ['plan', '--list-devices']):\n"

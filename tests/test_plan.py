@@ -136,7 +136,7 @@ def test_training_fits_a_board_and_not_the_microcontroller():
 
 
 def _run(capsys, *argv) -> dict:
-    from tandem.hardware.commands import register
+    from tandem.cli.hardware import register
 
     parser = argparse.ArgumentParser(prog="tandem")
     register(parser.add_subparsers(dest="command"))

@@ -16,8 +16,9 @@ def test_torch_free_modules_import_no_torch():
     _no_torch_after("import tandem.runtime, tandem.bundle, tandem.config, tandem.data, tandem.cli, "
                     "tandem.runtime.preprocess, tandem.images, tandem.data.cache, tandem.serve.app, "
                     "tandem.serve.client, tandem.serve.triton, tandem.explain.data, tandem.explain.occlusion, "
-                    "tandem.explain.render, tandem.explain.faithfulness, tandem.explain.commands, "
-                    "tandem.explain.rules, tandem.explain.rules_commands, tandem.explain.fit_rules")
+                    "tandem.explain.render, tandem.explain.faithfulness, tandem.cli.explain, tandem.explain.methods, "
+                    "tandem.explain.evaluate, tandem.explain.explain_images, "
+                    "tandem.explain.rules, tandem.explain.fit_rules")
 
 
 def test_serving_a_bundle_imports_no_torch(tiny_bundle, tmp_path):

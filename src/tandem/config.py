@@ -8,6 +8,7 @@ Defaults live here and only here; every checkpoint and every bundle carries the 
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -149,17 +150,26 @@ def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc if not str(p).startswith("function-") and p not in _TYPE_TAGS)
 
 
-def explain_validation(err: ValidationError) -> str:
+def explain_validation(err: ValidationError, keys: list[str] | None = None) -> str:
+    """The one-line message of a validation error; `keys` (every dotted key) adds a did-you-mean to a typo."""
     first = err.errors()[0]
     path = _field_path(first["loc"]) or "config"
     if first["type"] == "extra_forbidden":
-        return f"unknown config key '{path}'; run `tandem config` to see every key and its default"
+        return f"unknown config key '{path}'{_did_you_mean(path, keys)}; run `tandem config` to see every key and its default"
     got = first.get("input")
     got_text = "" if isinstance(got, dict) else f" (got {got!r})"
     message = first["msg"].removeprefix("Value error, ").rstrip(".")
     if first["type"] == "value_error":
         return f"config: {message}"
     return f"config: {path}: {message}{got_text}"
+
+
+def _did_you_mean(path: str, keys: list[str] | None) -> str:
+    if not keys:
+        return ""
+    known = set(keys) | {key.rsplit(".", i)[0] for key in keys for i in range(1, key.count(".") + 1)}  # and sections
+    close = difflib.get_close_matches(path, sorted(known), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -202,7 +212,7 @@ def config_from_dict(tree: dict) -> TrainConfig:
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
-        raise UserError(explain_validation(err)) from None
+        raise UserError(explain_validation(err, [key for key, _, _ in describe_keys()])) from None
 
 
 def read_yaml_mapping(path: str | Path, what: str, hint: str) -> dict:

@@ -115,8 +115,22 @@ def print_table(truth: list[str], guess: list[str]) -> None:
     Console().print(table)
 
 
+def training_log(log, run_dir: Path, verbose: bool):
+    """train's log, less what the demo says better: the full config (in run/config.yaml; printed with --verbose)
+    and "export it: ..." (the demo exports the run itself)."""
+    def train_log(*args, **kwargs) -> None:
+        text = " ".join(map(str, args))
+        if text.startswith("export it:"):
+            return
+        if text.startswith("config:\n") and not verbose:
+            log(f"config: {run_dir / 'config.yaml'} (`tandem demo --verbose` prints it)", **kwargs)
+            return
+        log(*args, **kwargs)
+    return train_log
+
+
 def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: bool = False, seed: int = 0,
-             precision: str = "auto") -> dict:
+             precision: str = "auto", verbose: bool = False) -> dict:
     from tandem.config import TrainConfig
     from tandem.export.onnx_bundle import export_bundle
     from tandem.train.loop import train
@@ -131,7 +145,7 @@ def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: 
         shutil.rmtree(out / "run")  # a demo always starts fresh
     log("== 1. training system: train the default cnn on the embedded animals")
     t0 = time.perf_counter()
-    result = train(cfg, log=log)
+    result = train(cfg, log=training_log(log, Path(cfg.out_dir), verbose))
     train_wall_seconds = time.perf_counter() - t0
 
     log("\n== 2. export: checkpoint -> verified bundle")
@@ -185,5 +199,11 @@ def run_demo(out: str | Path = "tandem-demo", epochs: int | None = None, quiet: 
         f"training took {report['train_seconds']:.1f} s ({report['images_per_second']:,.0f} img/s, "
         f"{train_wall_seconds:.1f} s with data, evaluation, checkpoints and plots; "
         f"{report['precision']} on {report['device']})")
-    log(f"everything is in {out}/: bundle/, report.json, contact_sheet.png, curves.png, confusion.png")
+    log(f"everything is in {out}/: the run (run/, its config.yaml and checkpoints), the exported bundle "
+        f"({bundle}/), report.json, contact_sheet.png, curves.png, confusion.png")
+    log("next, on the bundle it made:\n"
+        f"  tandem predict {bundle} {holdout}    # classify images or folders (torch-free)\n"
+        f"  tandem explain {bundle} {holdout / '000.png'}    # which pixels the answer rests on\n"
+        f"  tandem plan {bundle}    # which devices it fits, and how fast\n"
+        f"  mkdir -p models/animals && cp -r {bundle} models/animals/1 && tandem serve models    # serve it over HTTP")
     return report

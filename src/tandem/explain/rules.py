@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -268,6 +268,28 @@ class RuleSet:
                          "test_agree": self.tree["test_agree"][leaf]},
             })
         return out
+
+    def explain_files(self, paths: list[str]) -> Iterator[tuple[Path, dict | None, str | None]]:
+        """(path, the rule path of explain(), None) per image file (folders searched), (path, None, error) per
+        unreadable one. The paths are expanded now (a UserError before any output); the images as they are
+        decoded, so a folder of any size, and an unreadable file does not stop the rest."""
+        from tandem.images import expand_paths
+
+        return self._explain_decoded(expand_paths(paths))
+
+    def _explain_decoded(self, files: list[Path]) -> Iterator[tuple[Path, dict | None, str | None]]:
+        from tandem.images import decode_file_batches
+
+        p = self.predictor
+        chunks = decode_file_batches(files, p.image_size, p.channels, p.resize)
+        try:
+            for chunk in chunks:
+                good = [pixels for _, pixels, _ in chunk if pixels is not None]
+                why = iter(self.explain(np.stack(good))) if good else iter(())
+                for path, pixels, error in chunk:
+                    yield (path, None, error) if pixels is None else (path, next(why), None)
+        finally:
+            chunks.close()
 
     def _conditions(self, row: np.ndarray, path: list[int]) -> list[dict]:
         tight: dict[tuple[int, str], float] = {}  # (concept, op) -> the tightest threshold, in path order

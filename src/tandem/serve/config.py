@@ -158,7 +158,8 @@ def load_serve_config(path: str | Path | None = None, overrides: dict | None = N
     try:
         return ServeConfig.model_validate(tree)
     except ValidationError as err:
-        message = explain_validation(err).replace("`tandem config`", "`tandem serve --help-config`")
+        keys = [key for key, _, _ in describe_keys(ServeConfig)]
+        message = explain_validation(err, keys).replace("`tandem config`", "`tandem serve --help-config`")
         raise UserError(message.replace("config: ", "serve config: ", 1).replace("config key", "serve config key")) from None
 
 

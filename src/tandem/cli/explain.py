@@ -1,0 +1,300 @@
+"""`tandem explain` and `tandem rules`: which pixels a prediction rests on, how far each method can be trusted,
+and IF-THEN rules over concepts the network uses.
+
+    tandem explain BUNDLE IMAGE... [--method ig|gradcam|occlusion] [--target LABEL] [--out DIR] [--json]
+    tandem explain BUNDLE --evaluate [--methods ig,gradcam,occlusion] [--limit N] [--steps N] [--json]
+    tandem rules BUNDLE [--max-leaves 32] [--concepts K] [--json] [--out DIR]    fit, store, print
+    tandem rules BUNDLE --show [--json]                                          the stored rules
+    tandem rules BUNDLE --explain IMAGE... [--json]                              each image's rule path
+
+The work is in tandem.explain (explain_images, evaluate, fit_rules, rules); occlusion, --show and --explain are
+torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from tandem.cli.args import LineProgress, counted, print_json
+from tandem.errors import UserError
+from tandem.explain.methods import METHODS, SCHEMA, TITLES
+
+EXAMPLES = """examples:
+  tandem explain bundles/animals/1 zebra.png                      Integrated Gradients (occlusion without torch)
+  tandem explain bundles/animals/1 photos/ --method occlusion     every image in a folder, torch-free
+  tandem explain bundles/animals/1 cat.png --target dog           why (not) a dog: explain another class
+  tandem explain bundles/animals/1 cat.png --out why/ --json      a machine-readable report on stdout
+  tandem explain bundles/animals/1 --evaluate                     faithfulness of every method on the test split
+  tandem explain bundles/animals/1 --evaluate --methods ig,occlusion --limit 200 --json
+
+Each image gets NAME.METHOD.png (the image and the map over it: red raises the class's probability, blue lowers
+it), NAME.METHOD.npy (the raw map) and NAME.METHOD.json in --out. Every method explains the softmax probability
+of the predicted class (or --target) against a black image. Existing files are never replaced without --force.
+
+--evaluate removes pixels in the order of each method's map (deletion: set to black; insertion: put back into
+a black image) and tracks the probability of the predicted class: a faithful map makes it fall fast (small
+deletion AUC) and rise fast (large insertion AUC). Each method is compared with a random order on the same
+images, and a method that does not beat it is reported as such. --json prints schema tandem.explain/1."""
+
+RULES_EXAMPLES = """examples:
+  tandem rules bundles/animals/1                      fit concepts and a 32-leaf tree, store them, print the rules
+  tandem rules bundles/animals/1 --max-leaves 12      a smaller tree (its fidelity is printed with it)
+  tandem rules bundles/animals/1 --json --out report  JSON on stdout; rules.txt, report.json, concept PNGs in report/
+  tandem rules bundles/animals/1 --show               the stored rules, without fitting (torch-free)
+  tandem rules bundles/animals/1 --explain cat.png photos/   why each image got its label (torch-free)
+
+Concepts are found by non-negative factorisation (NMF) of the part of the penultimate activation that the last
+layer reads, and shown by their most activating training images (concepts/concept_K.png). A decision tree from
+concept scores to the network's own predictions gives the rules. Fidelity: how often the rules agree with the
+network on the test split; accuracy: how often they agree with the truth. Fitting needs the bundle's training
+data and scikit-learn (pip install 'tandem[explain]'); --show and --explain need neither (nor torch).
+Storing adds rules.json and concepts/ to the bundle and its manifest (a second run replaces them); a signed
+bundle needs --sign KEY.pem to be signed again, a read-only one --no-store."""
+
+
+def register(sub) -> None:
+    """Add `explain` and `rules` to the `tandem` command's subparsers."""
+    p = sub.add_parser("explain", help="why the network answered as it did: attribution maps, and their faithfulness",
+                       description="Explain a bundle's predictions with attribution maps (Integrated Gradients or "
+                                   "Grad-CAM through Captum, or occlusion in the torch-free runtime), or measure "
+                                   "how faithful each method is on the bundle's test split (--evaluate).",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="bundle folder (from `tandem export`)")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files or folders of images (searched recursively)")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="ig (Integrated Gradients), gradcam or occlusion (default: ig where torch and captum are "
+                        "installed, else occlusion)")
+    p.add_argument("--target", metavar="LABEL", help="explain this class instead of the predicted one (a label, or "
+                   "its index)")
+    p.add_argument("--out", default=None, metavar="DIR", help="folder for the pictures, maps and JSON "
+                   "files (default: explanations)")
+    p.add_argument("--force", action="store_true", help="replace explanations already in --out")
+    p.add_argument("--window", type=counted(1, 4096), default=None, metavar="PIXELS",
+                   help="occlusion: side of the black square (default: image size / 7, 4 for 28 pixels)")
+    p.add_argument("--stride", type=counted(1, 4096), default=None, metavar="PIXELS",
+                   help="occlusion: step between squares (default: half the window)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="measure faithfulness (deletion and insertion curves against random) on the test split")
+    p.add_argument("--methods", default=None, metavar="M,M,...",
+                   help="with --evaluate: the methods to score (default: every method this install and model run)")
+    p.add_argument("--limit", type=counted(1), default=None, metavar="N",
+                   help="with --evaluate: a seeded sample of N test images (default: all of them)")
+    p.add_argument("--steps", type=counted(1, 1 << 20), default=None, metavar="N",
+                   help="with --evaluate: steps of each curve (default: the image's side, 28 for the animals: one "
+                        "row's worth of pixels a step)")
+    p.add_argument("--seed", type=counted(0, 2**32 - 1), default=0,
+                   help="with --evaluate: seed of the random order and of --limit's sample (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help=f"print a report as JSON (schema {SCHEMA})")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("rules", help="hierarchical IF-THEN rules over concepts the network uses, with their fidelity",
+                       description="Extract rules from a bundle's network: concepts in its penultimate layer (each "
+                                   "shown by prototype images), a shallow decision tree from concept scores to the "
+                                   "network's predictions, its fidelity and accuracy on the test split; store them in "
+                                   "the bundle (rules.json, hashed like every file). Or apply stored rules: --explain.",
+                       epilog=RULES_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="bundle folder (from `tandem export`)")
+    p.add_argument("--max-leaves", type=counted(2, 4096), default=None, metavar="N",
+                   help="at most N rules (leaves of the tree) (default: 32)")
+    p.add_argument("--concepts", type=counted(1, 1024), default=None, metavar="K",
+                   help="number of concepts (default: 16, or 1.5 per class for more than 10 classes)")
+    p.add_argument("--space", choices=["used", "all"], default=None,
+                   help="find concepts in the part of the penultimate activation the last layer reads (used, "
+                        "default: faithful rules) or in all of it (all: more varied concepts, lower fidelity)")
+    p.add_argument("--out", metavar="DIR", help="also write the report there: rules.txt, report.json, concepts/*.png")
+    p.add_argument("--force", action="store_true", help="with --out: replace a report already there")
+    p.add_argument("--no-store", action="store_true", help="fit and print the rules, leave the bundle as it is")
+    p.add_argument("--sign", metavar="KEY.pem", help="for a signed bundle: sign it again with this private key after "
+                   "storing the rules (without it, a signed bundle is refused)")
+    p.add_argument("--show", action="store_true", help="print the rules stored in the bundle instead of fitting")
+    p.add_argument("--explain", nargs="+", metavar="IMAGE",
+                   help="apply the stored rules to these image files or folders: the rule each prediction follows")
+    p.add_argument("--json", action="store_true", help="print JSON (schema tandem.rules/1) instead of text")
+    p.set_defaults(func=cmd_rules)
+
+
+def cmd_explain(args) -> int:
+    if args.evaluate:
+        if args.images:
+            raise UserError("--evaluate scores the methods on the bundle's test split; drop the images, or drop "
+                            "--evaluate to explain them")
+        if args.method or args.target:
+            given = " and ".join(flag for flag, value in (("--method", args.method), ("--target", args.target)) if value)
+            raise UserError(f"{given} do{'es' if ' and ' not in given else ''} not apply with --evaluate: choose "
+                            "methods with --methods ig,gradcam,occlusion; each test image's predicted class is explained")
+        if args.out is not None or args.force:
+            raise UserError("--evaluate writes no files (it prints, or --json); drop --out and --force")
+        return _evaluate(args)
+    extra = [flag for flag, value in (("--methods", args.methods), ("--limit", args.limit), ("--steps", args.steps))
+             if value is not None]
+    if extra:
+        raise UserError(f"{', '.join(extra)} {'apply' if len(extra) > 1 else 'applies'} only with --evaluate; add "
+                        f"--evaluate, or drop {'them' if len(extra) > 1 else 'it'}")
+    if not args.images:
+        raise UserError(f"give images to explain (tandem explain {args.bundle} IMAGE_OR_FOLDER ...), or --evaluate "
+                        "to measure faithfulness on the bundle's test split")
+    return _explain_images(args)
+
+
+def _explain_images(args) -> int:
+    from tandem.explain.explain_images import ImageExplanations
+    from tandem.explain.methods import default_method, require_torch_side
+
+    note = None
+    if args.method:
+        method = args.method
+        require_torch_side(method)
+    else:
+        method, note = default_method()
+    if note:
+        print(note, file=sys.stderr)
+    run = ImageExplanations(args.bundle, args.images, method, args.target, args.out or "explanations", args.force,
+                            args.window, args.stride)
+    out, kind = run.out, run.kind
+    results: list[dict] = []
+    failed = 0
+    if not args.json:
+        print(f"{'image':<32} {'prediction':<22} {'explained':<16} picture")
+    for path, record, error in run.explain():
+        if error is not None:
+            failed += 1
+            results.append({"image": str(path), "error": error})
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            continue
+        results.append(record)
+        if not args.json:
+            p = record["prediction"]
+            print(f"{_short(path, 32):<32} {_short(p['label'], 14):<14} {p['probability']:>6.1%}  "
+                  f"{_short(record['target']['label'], 16):<16} {out / record['files']['picture']}", flush=True)
+    if args.json:
+        print_json({"schema": SCHEMA, "kind": "images", "bundle": str(args.bundle), "model_file": "model.onnx",
+                    "method": method, "note": note,
+                    "out": str(out), "explained": len(results) - failed, "failed": failed, "images": results})
+    elif results:
+        print(f"{len(results) - failed} image(s) explained by {TITLES[method]} into {out}/ (NAME.{kind}.png, .npy, "
+            ".json)")
+    if failed:
+        print(f"error: {failed} file(s) could not be read; the others were explained", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _short(value: Any, width: int) -> str:
+    text = str(value)
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _evaluate(args) -> int:
+    from tandem.explain.evaluate import evaluate_bundle, format_evaluation
+    from tandem.explain.methods import parse_methods
+
+    if args.methods is not None:
+        methods, _ = parse_methods(args.methods)
+    else:
+        methods = None
+    bar = None
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=Console(stderr=True), transient=True)
+    window_methods = methods if methods is not None else list(METHODS)
+    if (args.window or args.stride) and "occlusion" not in window_methods:
+        raise UserError("--window and --stride set occlusion's square; add occlusion to --methods, or drop them")
+    if bar:
+        with bar:
+            report = evaluate_bundle(args.bundle, methods, args.limit, args.steps, args.seed, args.window, args.stride,
+                                     bar)
+    else:  # off a terminal: a line every few seconds instead of a bar
+        report = evaluate_bundle(args.bundle, methods, args.limit, args.steps, args.seed, args.window, args.stride,
+                                 LineProgress("explain --evaluate"))
+    if args.json:
+        print_json(report)
+    else:
+        print(format_evaluation(report))
+    return 0
+
+
+def cmd_rules(args) -> int:
+    fitting = {"--max-leaves": args.max_leaves, "--concepts": args.concepts, "--space": args.space,
+               "--out": args.out, "--force": args.force or None, "--no-store": args.no_store or None,
+               "--sign": args.sign}
+    if args.show or args.explain:
+        given = [name for name, value in fitting.items() if value is not None]
+        if args.show and args.explain:
+            raise UserError("give --show or --explain, not both")
+        if given:
+            raise UserError(f"{', '.join(given)} fit new rules; --show and --explain use the stored ones: drop "
+                            f"{'them' if len(given) > 1 else 'it'}")
+        return _explain(args) if args.explain else _show(args)
+    from tandem.explain.fit_rules import fit_rules
+    from tandem.explain.rules_store import format_report
+
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    chosen = {"max_leaves": args.max_leaves, "concepts": args.concepts, "space": args.space}  # None: fit_rules' default
+    report = fit_rules(args.bundle, **{k: v for k, v in chosen.items() if v is not None}, store=not args.no_store,
+                       out=args.out, force=args.force, sign_key=args.sign, log=log)
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _stored(bundle):
+    from tandem.explain.rules import RuleSet
+
+    rules = RuleSet.load(bundle)
+    if rules is None:
+        raise UserError(f"bundle {bundle} has no rules yet; fit them with `tandem rules {bundle}`")
+    return rules
+
+
+def _show(args) -> int:
+    rules = _stored(args.bundle)
+    m = rules.metrics
+    if args.json:
+        print_json({"schema": rules.data["schema"], "bundle": str(args.bundle), **m, "concepts": len(rules.concepts),
+                     "concept_list": rules.concepts, "rules": rules.text(), "tree": rules.tree})
+        return 0
+    concepts = len(rules.concepts)
+    print(f"rules stored in {args.bundle}: {concepts} concept{'' if concepts == 1 else 's'}, {m['leaves']} "
+          f"{'leaf' if m['leaves'] == 1 else 'leaves'}, depth {m['depth']}; "
+          f"fidelity {m['fidelity']:.1%} on {m['test_images']} test images, accuracy {m['accuracy']:.1%}")
+    print()
+    print(rules.text())
+    print()
+    for c in rules.concepts:
+        print(f"  concept {c['id']:<3} {c['name']:<28} {c['prototype']}")
+    return 0
+
+
+def _explain(args) -> int:
+    rules = _stored(args.bundle)
+    results, failed = [], 0
+    explained = rules.explain_files(args.explain)
+    if not args.json:
+        print(f"rules of {args.bundle}: fidelity {rules.fidelity:.1%} (how often they agree with the network on its "
+              "test split)")
+    for path, why, error in explained:
+        if error is not None:
+            failed += 1
+            results.append({"path": str(path), "error": error})
+            if not args.json:
+                print(f"error: {error}", file=sys.stderr, flush=True)
+            continue
+        one = {"path": str(path), **why}
+        results.append(one)
+        if not args.json:
+            verdict = "agrees with the network" if one["agrees"] else f"the network says {one['network_label']}"
+            print(f"{one['path']}: {one['text']}  [{verdict}]", flush=True)
+    if args.json:
+        print_json({"schema": rules.data["schema"], "bundle": str(args.bundle), "fidelity": rules.fidelity,
+                    "images": results})
+    if failed:
+        print(f"error: {failed} file(s) could not be read; the others were explained", file=sys.stderr)
+        return 1
+    return 0
