@@ -60,14 +60,25 @@ class Dataset:
 
     def describe_decode(self) -> str:
         """One line for the log: how the pixels were obtained and how long it took."""
-        d = self.decode
-        images, seconds = d.get("images", len(self)), d.get("seconds", 0.0)
+        return describe_decode(self.decode, self.source, len(self))
+
+
+def describe_decode(d: dict, source: str, count: int, streamed: bool = False) -> str:
+    """One line for the log from a data set's `decode` record: how its images (or, streamed, their digests) were
+    obtained and how long it took."""
+    images, seconds = d.get("images", count), d.get("seconds", 0.0)
+    workers = d.get("workers", 1)
+    processes = f"{workers} process{'es' * (workers != 1)}"
+    if streamed:
         if d.get("from_cache"):
-            return f"{images} images from the decode cache in {seconds:.1f} s"
-        if d.get("files"):
-            workers = d.get("workers", 1)
-            return f"decoded {d['decoded']} images in {seconds:.1f} s with {workers} process{'es' * (workers != 1)}"
-        return f"{images} images from {self.source} in {seconds:.1f} s (nothing to decode)"
+            return f"streaming {images} images from disk (their digests from the cache in {seconds:.1f} s)"
+        hashed = d.get("decoded", images)
+        return f"streaming {images} images from disk (hashed {hashed} in {seconds:.1f} s with {processes})"
+    if d.get("from_cache"):
+        return f"{images} images from the decode cache in {seconds:.1f} s"
+    if d.get("files"):
+        return f"decoded {d['decoded']} images in {seconds:.1f} s with {processes}"
+    return f"{images} images from {source} in {seconds:.1f} s (nothing to decode)"
 
 
 def _arrays_decode(images: int, started: float) -> dict:
@@ -149,16 +160,18 @@ def check_skipped(classes: list[str], labels: np.ndarray, skipped: list[str]) ->
             raise UserError(f"class '{name}' has no readable images left after skipping bad files")
 
 
-def _decode_folder(files: list[Path], labels: np.ndarray, classes: list[str], size: int, channels: int,
-                   resize: str, skip_bad_files: bool, workers: int | None) -> cache.DecodedFolder:
-    pixels = np.empty((len(files), size, size, channels), np.uint8)
+def decode_each(files: list[Path], size: int, channels: int, resize: str, skip_bad_files: bool,
+                workers: int | None, keep) -> tuple[np.ndarray, list[str]]:
+    """The one decode loop of a class folder, held in memory or streamed: every file decoded (a process pool, in
+    input order), each readable image handed to keep(i, pixels); an unreadable file is a UserError, or skipped
+    with skip_bad_files. Returns which files were readable and the skipped paths."""
     good = np.ones(len(files), bool)
     skipped: list[str] = []
     decoded = decode_files(files, size, channels, resize, workers)
     try:
         for i, (path, image, error) in enumerate(decoded):
             if error is None:
-                pixels[i] = image
+                keep(i, image)
                 continue
             if not skip_bad_files:
                 raise UserError(f"{error}, or set data.skip_bad_files=true to skip bad files")
@@ -166,6 +179,17 @@ def _decode_folder(files: list[Path], labels: np.ndarray, classes: list[str], si
             skipped.append(str(path))
     finally:
         decoded.close()  # an error above stops the pool now, not when the generator is collected
+    return good, skipped
+
+
+def _decode_folder(files: list[Path], labels: np.ndarray, classes: list[str], size: int, channels: int,
+                   resize: str, skip_bad_files: bool, workers: int | None) -> cache.DecodedFolder:
+    pixels = np.empty((len(files), size, size, channels), np.uint8)
+
+    def keep(i: int, image: np.ndarray) -> None:
+        pixels[i] = image
+
+    good, skipped = decode_each(files, size, channels, resize, skip_bad_files, workers, keep)
     return cache.DecodedFolder(pixels[good], labels[good], classes, skipped)
 
 

@@ -31,6 +31,8 @@ import numpy as np
 from tandem.data import cache
 from tandem.data.sources import (
     check_skipped,
+    decode_each,
+    describe_decode,
     fingerprint,
     folder_settings,
     list_folder,
@@ -44,7 +46,7 @@ from tandem.data.split import (
     split_index,
 )
 from tandem.errors import UserError
-from tandem.images import check_resize, decode_files, load_image, pool_size
+from tandem.images import check_resize, load_image, pool_size
 
 DIGEST_SIZE = 16  # bytes of blake2b per image, as tandem.data.split.pixel_digest gives
 STREAM_SETTINGS = ("auto", "on", "off")
@@ -91,13 +93,7 @@ class FileDataset:
 
     def describe_decode(self) -> str:
         """One line for the log: how the images' digests were obtained, and that the pixels stream."""
-        d = self.decode
-        images, seconds = d.get("images", len(self)), d.get("seconds", 0.0)
-        if d.get("from_cache"):
-            return f"streaming {images} images from disk (their digests from the cache in {seconds:.1f} s)"
-        workers = d.get("workers", 1)
-        return (f"streaming {images} images from disk (hashed {d.get('decoded', images)} in {seconds:.1f} s "
-                f"with {workers} process{'es' * (workers != 1)})")
+        return describe_decode(self.decode, self.source, len(self), streamed=True)
 
     def read(self, i: int) -> np.ndarray:
         """Decode image i -> uint8 (size, size, channels), the pixels the in-memory path holds for it.
@@ -206,20 +202,11 @@ def _digest_folder(files: list[Path], size: int, channels: int, resize: str, ski
                    workers: int | None) -> _Digests:
     """Decode every file once (the in-memory path's decoder and pool) and keep only each one's digest."""
     digests = np.zeros((len(files), DIGEST_SIZE), np.uint8)
-    good = np.ones(len(files), bool)
-    skipped: list[str] = []
-    decoded = decode_files(files, size, channels, resize, workers)
-    try:
-        for i, (path, image, error) in enumerate(decoded):
-            if error is None:
-                digests[i] = np.frombuffer(pixel_digest(image), np.uint8)
-                continue
-            if not skip_bad_files:
-                raise UserError(f"{error}, or set data.skip_bad_files=true to skip bad files")
-            good[i] = False
-            skipped.append(str(path))
-    finally:
-        decoded.close()
+
+    def keep(i: int, image: np.ndarray) -> None:
+        digests[i] = np.frombuffer(pixel_digest(image), np.uint8)
+
+    good, skipped = decode_each(files, size, channels, resize, skip_bad_files, workers, keep)
     return _Digests(digests, good, skipped)
 
 
@@ -288,3 +275,29 @@ def load_splits(data_cfg: Any, seed: int, workers: int | None = None) -> Splits 
     data = load_dataset(data_cfg.source, data_cfg.image_size, data_cfg.channels, data_cfg.skip_bad_files,
                         resize=data_cfg.resize, workers=workers)
     return split_dataset(data, data_cfg.val_fraction, data_cfg.test_fraction, seed)
+
+
+class DataChanged(UserError):
+    """The run's data source holds other images than those its model was trained on: its test split would hold
+    other images, some perhaps trained on, and every figure computed on it would describe nothing. `splits`
+    holds what the source gives now (its decode record still describes the read)."""
+
+    def __init__(self, message: str, splits: Splits | FileSplits) -> None:
+        super().__init__(message)
+        self.splits = splits
+
+
+def same_images(splits: Splits | FileSplits, expected: str | None) -> bool:
+    """Whether the training split is the one a run recorded (`data_fingerprint`; None: nothing to check)."""
+    return not expected or splits.train.fingerprint() == expected
+
+
+def load_checked_splits(data_cfg: Any, seed: int, expected: str | None,
+                        workers: int | None = None) -> Splits | FileSplits:
+    """load_splits, checked against the fingerprint a run recorded of its training images: the one way export,
+    the FPGA path and the explanations read a trained model's data. Raises DataChanged when they differ, and
+    UserError (from load_splits) when the data cannot be read."""
+    splits = load_splits(data_cfg, seed, workers)
+    if not same_images(splits, expected):
+        raise DataChanged(f"the images in {data_cfg.source} changed since the model was trained", splits)
+    return splits

@@ -21,20 +21,19 @@ def bundle_splits(bundle: str | Path, manifest: dict) -> Any:
     from pydantic import ValidationError
 
     from tandem.config import TrainConfig
-    from tandem.data.stream import load_splits
+    from tandem.data.stream import DataChanged, load_checked_splits
 
     try:
         cfg = TrainConfig.model_validate(manifest["config"])
     except (KeyError, TypeError, ValidationError) as err:
         raise UserError(f"bundle {bundle}: its manifest has no readable training config ({str(err).splitlines()[0]}); "
                         "re-export it with `tandem export`") from None
+    expected = (manifest.get("provenance") or {}).get("data_fingerprint")
     try:
-        splits = load_splits(cfg.data, cfg.seed)
+        return load_checked_splits(cfg.data, cfg.seed, expected)
+    except DataChanged:
+        raise UserError(f"bundle {bundle}: the images in {cfg.data.source} changed since the model was trained, so its "
+                        "test split would hold other images; run this against the data it was trained on") from None
     except UserError as err:
         raise UserError(f"bundle {bundle}: the data it was trained on ({cfg.data.source}) cannot be read ({err}); "
                         "run this where that data is") from None
-    expected = (manifest.get("provenance") or {}).get("data_fingerprint")
-    if expected and splits.train.fingerprint() != expected:
-        raise UserError(f"bundle {bundle}: the images in {cfg.data.source} changed since the model was trained, so its "
-                        "test split would hold other images; run this against the data it was trained on")
-    return splits
