@@ -119,9 +119,9 @@ def test_speed_gate_keeps_fp32_only_when_int8_is_not_faster(tiny_run, tmp_path):
 
 
 def test_no_data_no_int8_and_the_reason(tiny_run, tmp_path):
-    from tandem.export import onnx_bundle
+    from tandem.export import source
 
-    gone = lambda mp: mp.setattr(onnx_bundle, "run_splits",
+    gone = lambda mp: mp.setattr(source, "run_splits",
                                  lambda cfg, fingerprint, log: (None, None, "the run's data cannot be read (gone)"))
     manifest, _ = _export(tiny_run, tmp_path / "b", monkeypatch=gone)
     record = manifest["export"]["int8"]

@@ -27,26 +27,24 @@ import torch
 import yaml
 from torch import nn
 
-from tandem.config import TrainConfig
 from tandem.errors import UserError
-from tandem.export.onnx_bundle import held_out_data
-from tandem.train.models import build_model
-from tandem.train.checkpoint import resolve_checkpoint
+from tandem.export.fpga_resources import (
+    BRAM36_BITS,
+    CLOCK_MHZ,
+    KV260,
+    URAM_BITS,
+    estimate_resources,
+    mult_layers,
+    plan_reuse,
+)
+from tandem.export.source import Source, open_source
 
 FPGA_DIR, REPORT = "fpga", "report.json"
 AGREEMENT_TARGET = 0.99  # top-1 agreement with the float model, issue 9's target
 WIDTHS = (8, 10, 12, 14, 16, 18)  # tried in order by precision="auto"; 18 bits is a DSP48E2's narrower port
-CLOCK_MHZ = 200  # hls4ml's default clock period, 5 ns
 FIXED = re.compile(r"ap_fixed<\s*(\d+)\s*,\s*(\d+)\s*>")
 # Round to nearest and saturate: an activation beyond the range clamps instead of wrapping round to the other sign.
 MODES = "AP_RND_CONV,AP_SAT"
-# AMD Kria KV260 (K26 SOM, XCK26-SFVC784-2LV-C): https://www.amd.com/en/products/system-on-modules/kria/k26/
-# kv260-vision-starter-kit.html and the K26 SOM data sheet DS987 (programmable logic resources).
-KV260 = {"name": "AMD Kria KV260 (K26 SOM)", "part": "xck26-sfvc784-2LV-c", "dsp": 1248, "bram36": 144, "uram": 64,
-         "lut": 117_120, "ff": 234_240,
-         "source": "https://www.amd.com/en/products/system-on-modules/kria/k26/kv260-vision-starter-kit.html; "
-                   "K26 SOM data sheet DS987"}
-BRAM36_BITS, URAM_BITS = 36 * 1024, 288 * 1024
 LATENCY_MAX_PARAMETERS = 10_000  # hls4ml's fully parallel (Latency) designs keep weights in registers: small models
 UNROLL_LIMIT = 4096  # Vivado/Vitis HLS refuses to unroll more multiplications per layer (hls4ml issue 1013)
 TRY_THIS = "train the FPGA-sized variant: tandem train model.name=cnn-fpga"
@@ -143,116 +141,6 @@ def predict(hls_model, x: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
 
 
-def _mult_layers(hls_model) -> list:
-    return [layer for layer in hls_model.get_layers() if layer.class_name in ("Conv2D", "Conv1D", "Dense")]
-
-
-def _pixels(layer, side: str = "out") -> int:
-    return int(layer.get_attr(f"{side}_height", 1) * layer.get_attr(f"{side}_width", 1))
-
-
-def plan_reuse(hls_model, reuse_factor: int | str = "auto") -> dict[str, int]:
-    """Reuse factor per multiplying layer. auto: balance the stream, so that each layer spends about as many cycles per
-    image as the widest stage has pixels (a layer with fewer output pixels shares each multiplier more), doubling
-    the budget until the multipliers fit the KV260's DSP slices."""
-    backend = hls_model.config.backend
-    layers = _mult_layers(hls_model)
-    valid = {layer.name: backend.get_valid_reuse_factors(*backend.get_layer_mult_size(layer)) for layer in layers}
-
-    def closest(name: str, wanted: int) -> int:  # the largest valid reuse factor up to the one wanted
-        return max([rf for rf in valid[name] if rf <= wanted] or [valid[name][0]])
-
-    if reuse_factor != "auto":
-        return {layer.name: closest(layer.name, int(reuse_factor)) for layer in layers}
-    frame = max(_pixels(layer, side) for layer in hls_model.get_layers() for side in ("in", "out")
-                if layer.get_attr(f"{side}_height") is not None)
-    scale = 1
-    while True:
-        plan = {layer.name: closest(layer.name, max(1, frame * scale // _pixels(layer))) for layer in layers}
-        mults = sum(math.ceil(math.prod(backend.get_layer_mult_size(layer)) / plan[layer.name]) for layer in layers)
-        if mults <= KV260["dsp"] or all(plan[n] == valid[n][-1] for n in plan):
-            return plan
-        scale *= 2
-
-
-def _bram36(width_bits: int, depth: int) -> int:
-    """Block RAMs (36 Kb, 1K x 36 or 512 x 72) for a memory; tiny ones go to registers or LUT RAM."""
-    if width_bits * depth <= 1024:
-        return 0
-    return math.ceil(width_bits / 72) * math.ceil(depth / 512) if depth <= 512 else \
-        math.ceil(width_bits / 36) * math.ceil(depth / 1024)
-
-
-def estimate_resources(hls_model, width: int) -> dict:
-    """Multipliers, weight memory, stream buffers and cycles per image of the design, against the KV260. An estimate
-    from the layer shapes (one DSP48E2 per multiplier up to 18 bits); Vitis HLS's synthesis report measures them."""
-    backend = hls_model.config.backend
-    dsp_per_mult = 1 if width <= 18 else 2
-    layers, mults, weight_bits, bram, register_bits, cycles = [], 0, 0, 0, 0, 0
-    for layer in _mult_layers(hls_model):
-        n_in, n_out = backend.get_layer_mult_size(layer)
-        rf = int(layer.get_attr("reuse_factor"))
-        layer_mults = math.ceil(n_in * n_out / rf)
-        bits = sum(w.data.size for w in layer.weights.values()) * width
-        resource = str(layer.get_attr("strategy", "latency")).lower() == "resource"
-        layer_bram = _bram36(layer_mults * width, rf) if resource else 0  # weights reshaped by the reuse factor
-        layer_cycles = max(_pixels(layer, "in"), _pixels(layer) * rf)
-        layers.append({"layer": layer.name, "type": layer.class_name, "n_in": n_in, "n_out": n_out, "reuse_factor": rf,
-                       "multipliers": layer_mults, "macs_per_image": _pixels(layer) * n_in * n_out,
-                       "weight_bits": bits, "weights_in": "block RAM" if resource else "registers",
-                       "cycles_per_image": layer_cycles})
-        mults, weight_bits, bram = mults + layer_mults, weight_bits + bits, bram + layer_bram
-        register_bits += 0 if resource else bits
-        cycles = max(cycles, layer_cycles)
-    # io_stream: a FIFO between layers, at hls4ml's conservative default depth (one frame); line buffers in the convs.
-    fifo_bits, fifo_bram = 0, 0
-    for layer in hls_model.get_layers():
-        var = layer.get_output_variable()
-        pragma = getattr(var, "pragma", None)
-        if isinstance(pragma, tuple) and pragma[0] == "stream":
-            word = int(var.shape[-1]) * int(var.type.precision.width)
-            fifo_bits += word * int(pragma[1])
-            fifo_bram += _bram36(word, int(pragma[1]))
-    line_bits = sum((layer.get_attr("filt_height") - 1) * layer.get_attr("in_width") * layer.get_attr("n_chan") * width
-                    for layer in _mult_layers(hls_model) if layer.class_name == "Conv2D")
-    line_bram = math.ceil(line_bits / BRAM36_BITS)
-    dsp = mults * dsp_per_mult
-    total_bram = bram + fifo_bram + line_bram
-    fits = {"dsp": dsp <= KV260["dsp"], "block_ram": total_bram <= KV260["bram36"],
-            "registers": register_bits <= KV260["ff"] // 2}
-    problems = []
-    if not fits["dsp"]:
-        problems.append(f"{dsp} multipliers need more than the {KV260['dsp']} DSP slices: raise the reuse factor")
-    if not fits["block_ram"]:
-        problems.append(f"{total_bram} block RAMs (36 Kb) needed, {KV260['bram36']} there; {fifo_bram} of them are "
-                        f"stream FIFOs at hls4ml's default depth: its FIFO depth optimization (Vitis co-simulation) "
-                        f"shrinks them, or bind them to the {KV260['uram']} UltraRAMs; else the FPGA-sized model")
-    if not fits["registers"]:
-        problems.append(f"{register_bits:,} weight bits in registers is more than half the {KV260['ff']:,} "
-                        "flip-flops: use the Resource strategy (a larger model) or the FPGA-sized model")
-    return {
-        "layers": layers,
-        "multipliers": mults, "dsp_estimate": dsp, "dsp_available": KV260["dsp"],
-        "dsp_utilization": round(dsp / KV260["dsp"], 4),
-        "macs_per_image": sum(layer["macs_per_image"] for layer in layers),
-        "weight_bits": weight_bits, "weight_bits_in_registers": register_bits,
-        "weight_bram36": bram, "fifo_bits_default_depth": fifo_bits, "fifo_bram36": fifo_bram,
-        "line_buffer_bits": line_bits, "line_buffer_bram36": line_bram,
-        "bram36_estimate": total_bram, "bram36_available": KV260["bram36"], "uram_available": KV260["uram"],
-        "bram36_utilization": round(total_bram / KV260["bram36"], 4),
-        "cycles_per_image": cycles, "clock_mhz": CLOCK_MHZ,
-        "images_per_second_estimate": round(CLOCK_MHZ * 1e6 / max(1, cycles)),
-        "fits_kv260": all(fits.values()), "fits": fits, "problems": problems,
-        "kv260": KV260,
-        "basis": "one DSP48E2 per multiplier (ceil(n_in*n_out/reuse) per layer) at <= 18 bits; weights in registers "
-                 "(Latency strategy) or block RAM reshaped by the reuse factor (Resource); stream FIFOs at hls4ml's "
-                 "default depth (an upper bound: its FIFO depth optimization shrinks them); a block RAM holds 1K x 36 "
-                 "or 512 x 72 bits (UltraRAM only where bound by pragma: not counted); at most half the flip-flops for "
-                 "weights. "
-                 "Vitis HLS's csynth report is the measurement.",
-    }
-
-
 def _max_abs(model: nn.Module, hls_model, x: np.ndarray) -> float:
     """The largest magnitude the design must represent: inputs, every layer's output, the weights and biases as
     hls4ml folded them (batch norm into the conv before it)."""
@@ -319,9 +207,10 @@ pixels, one per beat with all its channels (channels last), preprocessed as the 
 """
 
 
-def export_fpga(run_dir: str | Path, bundle_dir: str | Path, *, precision: str = "auto",
+def export_fpga(source: Source | str | Path, bundle_dir: str | Path, *, precision: str = "auto",
                 reuse_factor: int | str = "auto", calibration_images: int = 300, log=print) -> dict:
-    """Write `<bundle_dir>/fpga/` (the HLS project, README.md, report.json) for a run's best checkpoint; return the
+    """Write `<bundle_dir>/fpga/` (the HLS project, README.md, report.json) for a run's best checkpoint (a run or
+    checkpoint folder, or the Source an export already opened: its model and data are used as given); return the
     report. precision: "auto" (the narrowest of WIDTHS whose emulation agrees with the float model on >= 99% of
     `calibration_images` validation images) or "ap_fixed<W,I>". reuse_factor: "auto" (see plan_reuse) or an int."""
     start = time.perf_counter()
@@ -335,17 +224,15 @@ def export_fpga(run_dir: str | Path, bundle_dir: str | Path, *, precision: str =
     out = Path(bundle_dir) / FPGA_DIR
     if out.exists():
         raise UserError(f"{out} already exists; export to a new bundle folder")
-    found = resolve_checkpoint(Path(run_dir))
-    cfg = TrainConfig.model_validate(found.state["config"])
-    classes = found.state["classes"]
-    model = build_model(cfg, len(classes), found.model)
+    run = source if isinstance(source, Source) else open_source(source, log)
+    cfg, classes, model = run.cfg, run.classes, run.model
     name = f"model {cfg.model.name} (width {cfg.model.width})"
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     check_supported(model, name)
     params = check_on_chip(model, int(fixed[1]) if fixed else min(WIDTHS), name)
 
-    x_test, y_test, _ = held_out_data(cfg, found.state.get("data_fingerprint"), log)
-    x_cal, cal_source = _calibration(cfg, x_test, calibration_images)
+    x_test, y_test = run.test_inputs()
+    x_cal, cal_source = _calibration(run, calibration_images)
     x_eval = x_test if x_test is not None else x_cal
     with torch.no_grad():
         float_cal = model(torch.from_numpy(x_cal)).numpy()
@@ -356,7 +243,7 @@ def export_fpga(run_dir: str | Path, bundle_dir: str | Path, *, precision: str =
         peak = _max_abs(model, probe, x_cal)
         reuse = plan_reuse(probe, reuse_factor)
         mults = [math.ceil(math.prod(probe.config.backend.get_layer_mult_size(layer)) / reuse[layer.name])
-                 for layer in _mult_layers(probe)]
+                 for layer in mult_layers(probe)]
         # Latency keeps weights in registers, fully parallel: for small models; Resource puts them in block RAM.
         strategy = "Latency" if params <= LATENCY_MAX_PARAMETERS and max(mults) <= UNROLL_LIMIT else "Resource"
         integer = int(fixed[2]) if fixed else _integer_bits(peak)
@@ -429,19 +316,14 @@ def export_fpga(run_dir: str | Path, bundle_dir: str | Path, *, precision: str =
     return report
 
 
-def _calibration(cfg: TrainConfig, x_test: np.ndarray | None, n: int) -> tuple[np.ndarray, str]:
+def _calibration(run: Source, n: int) -> tuple[np.ndarray, str]:
     """Images to choose the precision on: the validation split (else training images), never the test split that
     the report measures; random inputs when the run's data is gone."""
-    from tandem.data.stream import split_pixels
-    from tandem.runtime.preprocess import preprocess
-    from tandem.train.loop import load_splits
-
-    if x_test is not None:
-        splits = load_splits(cfg)
+    cfg, splits = run.cfg, run.splits
+    if splits is not None:
         part, label = (splits.val, "validation") if len(splits.val.labels) else (splits.train, "training")
         count = min(n, len(part.labels))
-        pixels, _ = split_pixels(part, np.arange(count))
-        return preprocess(pixels, cfg.data.mean, cfg.data.std), f"{count} {label} images"
+        return run.inputs(part, np.arange(count))[0], f"{count} {label} images"
     rng = np.random.default_rng(0)
     size = (n, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     return np.clip(rng.standard_normal(size), -1, 1).astype(np.float32), f"{n} random inputs"

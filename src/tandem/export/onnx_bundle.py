@@ -17,7 +17,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,91 +27,27 @@ import tandem
 from tandem.bundle import MANIFEST, SIGNATURE, check_signing_key, is_bundle, read_manifest, sign_bundle, write_manifest
 from tandem.config import TrainConfig
 from tandem.errors import UserError
-from tandem.train.checkpoint import Checkpoint, resolve_checkpoint
-from tandem.train.models import build_model
-
-INPUT, OUTPUT = "input", "logits"
-
+from tandem.export.source import Source, open_source
+from tandem.train.checkpoint import Checkpoint
+from tandem.train.onnx_graph import INPUT, OUTPUT, export_onnx
 
 class ParityError(UserError):
     """ONNX Runtime and torch disagree by more than the tolerance."""
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter: str = "torchscript",
-                metadata: dict[str, str] | None = None) -> None:
-    """Write model.onnx with a dynamic batch dimension (and `metadata` in its metadata_props)."""
-    _export_graph(model, example, path, exporter)
-    if metadata:
-        import onnx
-
-        graph = onnx.load(str(path))
-        onnx.helper.set_model_props(graph, metadata)
-        onnx.save(graph, str(path))
-
-
-def _export_graph(model: torch.nn.Module, example: torch.Tensor, path: Path, exporter: str) -> None:
-    if exporter == "dynamo":
-        batch = torch.export.Dim("batch", min=1, max=1 << 20)
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                          dynamo=True, dynamic_shapes=({0: batch},), optimize=True, verbose=False,
-                          external_data=False)
-        return
-    # The TorchScript exporter is deprecated but ~15x faster for these models; parity is checked either way.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
-                          dynamo=False, opset_version=17,
-                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
-
-
-def run_splits(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[object | None, dict | None, str | None]:
-    """The run's splits (the same images as in training) and how they were read; (None, decode, why) when the
-    data is gone or is no longer the data the model was trained on: its test split would then hold other
-    images, some of them perhaps trained on, and its accuracy would describe nothing."""
-    from tandem.train.loop import load_splits
-
-    try:
-        splits = load_splits(cfg)
-    except UserError as err:
-        log(f"warning: the run's data cannot be read ({err}); the bundle will carry no test accuracy")
-        return None, None, f"the run's data cannot be read ({err})"
-    if fingerprint and splits.train.fingerprint() != fingerprint:
-        log(f"warning: the images in {cfg.data.source} changed since this checkpoint was trained; the bundle "
-            "will carry no test accuracy (parity is still checked)")
-        return None, splits.train.decode, f"the images in {cfg.data.source} changed since this checkpoint was trained"
-    return splits, splits.train.decode, None
-
-
-def split_inputs(cfg: TrainConfig, split, index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A split's images (all, or those at `index`) preprocessed as training did, and their labels."""
-    from tandem.data.stream import split_pixels
-    from tandem.runtime.preprocess import preprocess
-
-    pixels, labels = split_pixels(split, index)  # a streamed run's images are decoded here, one at a time
-    return preprocess(pixels, cfg.data.mean, cfg.data.std), labels
-
-
-def held_out_data(cfg: TrainConfig, fingerprint: str | None, log) -> tuple[np.ndarray | None, np.ndarray | None, dict | None]:
-    """The run's preprocessed test split and its labels, and how they were read; (None, None, ...) when the
-    data is gone or changed (see run_splits)."""
-    splits, decode, _ = run_splits(cfg, fingerprint, log)
-    if splits is None:
-        return None, None, decode
-    return (*split_inputs(cfg, splits.test), decode)
-
-
-def int8_data(cfg: TrainConfig, splits, why_missing: str | None, calibration: int):
+def int8_data(source: Source, calibration: int):
     """What quantization needs: `calibration` training images (a seeded sample), the validation and test splits."""
     from tandem.export.quantize import QuantData
 
+    splits = source.splits
     if splits is None:
-        return QuantData(missing=f"{why_missing}, so there are no training images to calibrate on and no "
+        return QuantData(missing=f"{source.why_no_data}, so there are no training images to calibrate on and no "
                                  "validation split to gate on")
     n = len(splits.train.labels)
-    pick = np.sort(np.random.default_rng(cfg.seed).choice(n, min(calibration, n), replace=False))
-    x_val, y_val = split_inputs(cfg, splits.val)
-    x_test, y_test = split_inputs(cfg, splits.test)
-    return QuantData(calibration=split_inputs(cfg, splits.train, pick)[0], x_val=x_val, y_val=y_val,
+    pick = np.sort(np.random.default_rng(source.cfg.seed).choice(n, min(calibration, n), replace=False))
+    x_val, y_val = source.inputs(splits.val)
+    x_test, y_test = source.test_inputs()
+    return QuantData(calibration=source.inputs(splits.train, pick)[0], x_val=x_val, y_val=y_val,
                      x_test=x_test, y_test=y_test)
 
 
@@ -237,12 +172,9 @@ def export_bundle(source: str | Path, out: str | Path, name: str | None = None, 
         from tandem.export.fpga import require_hls4ml
 
         require_hls4ml()  # hls4ml and g++ are there: checked now, not after the export's work
-    found = resolve_checkpoint(Path(source))
-    cfg = TrainConfig.model_validate(found.state["config"])
-    classes = found.state["classes"]
-    model = build_model(cfg, len(classes), found.model)
-    splits, decode, why_no_data = run_splits(cfg, found.state.get("data_fingerprint"), log)
-    x_test, y_test = split_inputs(cfg, splits.test) if splits is not None else (None, None)
+    run = open_source(source, log)
+    found, cfg, classes, model, decode = run.found, run.cfg, run.classes, run.model, run.decode
+    x_test, y_test = run.test_inputs()
     if x_test is None:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((256, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)).astype(np.float32)
@@ -274,7 +206,7 @@ def export_bundle(source: str | Path, out: str | Path, name: str | None = None, 
             from tandem.export.quantize import quantize_and_gate
 
             int8_record = quantize_and_gate(tmp / "model.onnx", tmp / "model.int8.onnx",
-                                            int8_data(cfg, splits, why_no_data, calibration), budget, log)
+                                            int8_data(run, calibration), budget, log)
             if int8_record["kept"] and int8_record["test"]:
                 metrics["int8_test_accuracy"] = int8_record["test"]["int8_accuracy"]
         # 4. Weights for fine-tuning, the manifest with every hash, the signature over everything.
@@ -289,7 +221,7 @@ def export_bundle(source: str | Path, out: str | Path, name: str | None = None, 
         if fpga:  # a folder of its own, hashed into the manifest below with everything else
             from tandem.export.fpga import export_fpga
 
-            report = export_fpga(source, tmp, precision=fpga_precision, reuse_factor=fpga_reuse, log=log)
+            report = export_fpga(run, tmp, precision=fpga_precision, reuse_factor=fpga_reuse, log=log)
             export_info["fpga"] = {"report": "fpga/report.json", "precision": report["precision"]["chosen"],
                                    "agreement_top1": report["agreement"]["top1"],
                                    "fits_kv260": report["resources"]["fits_kv260"]}
