@@ -12,7 +12,7 @@ import os
 import platform
 from dataclasses import dataclass
 
-from tandem.hardware.bench import cpu_name
+from tandem.hardware.timing import cpu_name
 
 
 @dataclass

@@ -103,7 +103,7 @@ def validation_answers(fp32_session: Any, int8_session: Any, x: np.ndarray, y: n
 
 def measure_speed(fp32_session: Any, int8_session: Any, x: np.ndarray, rounds: int = SPEED_ROUNDS) -> dict:
     """Images per second of each session on batch x, alternated rounds, medians. Tests replace this."""
-    from tandem.hardware.bench import alternated_seconds_per_call
+    from tandem.hardware.timing import alternated_seconds_per_call
 
     name = fp32_session.get_inputs()[0].name
     fp32_s, int8_s = alternated_seconds_per_call(
@@ -116,7 +116,7 @@ def quantize_and_gate(fp32_path: Path, int8_path: Path, data: QuantData, budget_
     """Write int8_path, gate it, and remove it again unless both gates pass. Returns the manifest's record."""
     import onnxruntime as ort
 
-    from tandem.hardware.bench import cpu_name
+    from tandem.hardware.timing import cpu_name
     from tandem.runtime.predictor import runtime_session_options
 
     record: dict = {"kept": False, "reason": "", "method": METHOD, "onnxruntime_version": ort.__version__,

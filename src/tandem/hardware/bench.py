@@ -50,6 +50,8 @@ from typing import Callable
 
 import numpy as np
 
+from tandem.hardware.timing import alternated_seconds_per_call, cpu_name
+
 SCHEMA = "tandem.bench/1"
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 DEFAULTS = {"seconds": 2.0, "queries": 2000, "batches": (16, 64, 256), "rounds": 3, "starts": 3}
@@ -80,37 +82,6 @@ def peak_rss_mb():
     return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6
 print(json.dumps({"peak_rss_mb": peak_rss_mb(), "torch_imported": "torch" in sys.modules}), flush=True)
 """
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def alternated_seconds_per_call(fns: list[Callable[[], object]], rounds: int = 3, min_seconds: float = 0.1,
-                                warmup: int = 1) -> list[float]:
-    """Median seconds per call of each function, timed in alternated blocks of at least min_seconds each:
-    fn0 block, fn1 block, ..., `rounds` times, so that drift in the machine's load hits all alike."""
-    per_call: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, per_call):
-            for _ in range(warmup):
-                fn()
-            calls, start = 0, time.perf_counter()
-            while True:
-                fn()
-                calls += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= min_seconds:
-                    break
-            out.append(elapsed / calls)
-    return [statistics.median(times) for times in per_call]
 
 
 def single_stream(runs: list[Callable[[int], object]], seconds: float, queries: int, rounds: int) -> list[dict]:
@@ -220,13 +191,13 @@ def run_bench(bundle: str | Path, precisions: list[str] | None = None, threads: 
     }
     for provider in (CPU, CUDA):
         if providers[provider] != "available":
-            report["not_run"] += [{"precision": p, "provider": provider, "reason": f"{provider} not available "
-                                   "(install onnxruntime-gpu on a machine with a CUDA GPU)"} for p in precisions]
+            report["not_run"] += [{"precision": p, "provider": provider, "reason": "not available in this ONNX "
+                                   "Runtime (install onnxruntime-gpu on a machine with a CUDA GPU)"} for p in precisions]
             continue
         progress(f"{provider}: loading {', '.join(precisions)} (hashes verified)")
         predictors = [Predictor.load(bundle, precision=p, threads=threads, providers=[provider]) for p in precisions]
         if provider != CPU and predictors[0].session.get_providers()[0] != provider:
-            report["not_run"] += [{"precision": p, "provider": provider, "reason": f"{provider} is installed but "
+            report["not_run"] += [{"precision": p, "provider": provider, "reason": "installed, but "
                                    "ONNX Runtime could not use it (CUDA or cuDNN libraries missing?)"} for p in precisions]
             continue
         first = predictors[0]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tandem.hardware.bench import cpu_name
+from tandem.hardware.timing import cpu_name
 from tandem.hardware.devices import Device
 
 
