@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from tandem.errors import UserError
-from tandem.images import _draft, batch_pixels, decode_files, fit_pil, load_image, to_pixels
+from tandem.images import batch_pixels, decode_files, fit_pil, load_image, to_pixels
+from tandem.images.pixels import _draft
 
 
 def _message(call) -> str:
