@@ -42,7 +42,7 @@ def region(tmp_path_factory):
     """RegionNet in torch and in the runtime (its ONNX export behind a Predictor), and an image it is sure of."""
     import onnxruntime as ort
 
-    from tandem.export.onnx_bundle import export_onnx
+    from tandem.train.onnx_graph import export_onnx
 
     torch.manual_seed(0)
     model = RegionNet().eval()

@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tandem.export.onnx_bundle import export_onnx
+from tandem.train.onnx_graph import export_onnx
 from tandem.train.models import MODELS, create_model
 
 SHAPES = {"mlp": (1, 28), "cnn": (1, 28), "cnn-fpga": (1, 28), "resnet": (3, 32)}

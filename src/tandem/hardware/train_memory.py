@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,21 +34,11 @@ def _model(cfg, classes: int) -> torch.nn.Module:
                         cfg.model.dropout)
 
 
-def _write_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """model.onnx as tandem.export.onnx_bundle.export_onnx writes a bundle's (TorchScript exporter, opset 17,
-    tensors "input" / "logits", dynamic batch); kept here until that writer sits below hardware/ in the layers."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), input_names=["input"], output_names=["logits"],
-                          dynamo=False, opset_version=17,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-
-
 def inference_graph(cfg, classes: int) -> tuple[bytes, int]:
     """(model.onnx as `tandem export` writes it for this config, with fresh weights; trainable parameters)."""
     import torch
+
+    from tandem.train.onnx_graph import export_onnx
 
     torch.manual_seed(cfg.seed)
     model = _model(cfg, classes).eval()
@@ -57,7 +46,7 @@ def inference_graph(cfg, classes: int) -> tuple[bytes, int]:
     example = torch.zeros(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
-        _write_onnx(model, example, path)  # the exporter and settings of a bundle's model.onnx
+        export_onnx(model, example, path)  # the writer of a bundle's model.onnx
         return path.read_bytes(), trainable
 
 
