@@ -312,6 +312,6 @@ def test_a_key_pair_that_cannot_be_written_leaves_nothing_behind(tmp_path):
 def test_the_module_points_at_documentation_that_exists():
     import tandem.bundle
 
-    assert "DESIGN.md" not in tandem.bundle.__doc__ and 'the README, "The bundle"' in tandem.bundle.__doc__
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    assert "### The bundle" in readme.read_text()
+    assert "DESIGN.md" not in tandem.bundle.__doc__ and 'docs/bundle.md, "The bundle"' in tandem.bundle.__doc__
+    page = Path(__file__).resolve().parents[1] / "docs" / "bundle.md"
+    assert "# The bundle" in page.read_text()

@@ -13,7 +13,7 @@ and sha256, and optionally `model.sig`, an OpenSSF model-signing signature over 
     verify_bundle_signature("bundle/", "tandem.pub")            # UserError unless that key signed these files
 
 Hashes prove integrity, the signature proves origin. Signing needs `pip install 'tandem[sign]'`; it is
-imported only when used, so reading bundles needs neither it nor torch. See the README, "The bundle".
+imported only when used, so reading bundles needs neither it nor torch. See docs/bundle.md, "The bundle".
 """
 
 from __future__ import annotations
