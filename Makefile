@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   creates .venv if missing, installs tandem with everything, runs `tandem demo`
-#   make test   the same set-up (and Chromium + PostgreSQL from apt when root), then the whole test suite (CI runs this)
+#   make test   the same set-up (and Chromium + PostgreSQL from apt when root), the architecture contracts
+#               (lint-imports, [tool.importlinter] in pyproject.toml), then the whole test suite (CI runs this)
 # constraints.txt pins every package, torch to the 2.13.0 CPU build (no multi-GB CUDA download).
 
 PYTHON ?= python3
@@ -25,9 +26,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/system-deps.sh
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -ra
 
 test-fast: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not slow and not multiprocess" -ra
 
 bench: $(STAMP)

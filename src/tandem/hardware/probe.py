@@ -179,7 +179,7 @@ def probe_host() -> HostProbe:
 def host_device(probe: HostProbe, train_peaks: dict[str, float] | None = None) -> Device:
     """This machine as a Device profile: measured figures, no power figure (none is measured).
 
-    train_peaks: GEMM peaks per training precision measured with the training framework (tandem.train.memory)."""
+    train_peaks: GEMM peaks per training precision measured with the training framework (tandem.hardware.train_memory)."""
     how = "measured by tandem.hardware.probe on this machine"
     peaks = {"fp32": {"value": probe.fp32_flops, "source": f"{how}: NumPy float32 GEMM (n=512, 1024), best run"}}
     min_depth = {}
