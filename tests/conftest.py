@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tandem.data.sources import ANIMAL_CLASSES, ANIMALS_FILE
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def animals(per_class: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`per_class` distinct images of each of the first `classes` animals."""
-    with np.load(ANIMALS_FILE) as arrays:
-        x, y = arrays["x"], arrays["y"]
-    rng = np.random.default_rng(seed)
-    keep = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in range(classes)])
-    return x[np.sort(keep)], y[np.sort(keep)]
-
-
-def run_tandem(*args: str, timeout: float = 300, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
-    """The real command, in a fresh process."""
-    proc = subprocess.run([sys.executable, "-m", "tandem", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"tandem {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+from helpers import animals
+from tandem.data.sources import ANIMAL_CLASSES
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import animals, run_tandem
+from helpers import animals, run_tandem
 from tandem.errors import UserError
 from tandem.runtime import Predictor
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import animals
+from helpers import animals
 
 
 def _no_torch_after(code: str) -> None:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_tandem
+from helpers import REPO, run_tandem
 from tandem.train.checkpoint import list_checkpoints
 from tandem.train.models import count_parameters, create_model
 
@@ -97,7 +97,7 @@ def test_local_sgd_averaging_every_step_equals_ddp(small_npz, tmp_path):
 def test_local_sgd_ranks_agree_right_after_each_average(tmp_path):
     out = tmp_path / "local.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(REPO / "tests" / "distributed_worker.py"), "3", "7", str(out)],
+                           str(REPO / "tests" / "helpers" / "distributed_worker.py"), "3", "7", str(out)],
                           capture_output=True, text=True, timeout=120)
     _ok(proc)
     seen = json.loads(out.read_text())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import animals, run_tandem
+from helpers import animals, run_tandem
 from tandem.bundle import read_manifest
 from tandem.config import TrainConfig
 from tandem.errors import UserError

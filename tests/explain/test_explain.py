@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import animals, run_tandem
+from helpers import animals, run_tandem
 from tandem.data.sources import ANIMAL_CLASSES
 from tandem.errors import UserError
 from tandem.explain import faithfulness

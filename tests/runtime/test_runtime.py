@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import animals
+from helpers import animals
 from tandem.bundle import read_manifest
 from tandem.errors import UserError
 from tandem.train.models import build_model

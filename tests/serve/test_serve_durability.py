@@ -4,7 +4,6 @@ request body, however malformed, gets a 5xx (hypothesis fuzzing against the app 
 from __future__ import annotations
 
 import http.client
-import io
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,24 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
-from conftest import animals
-from pg_fixture import drop_database, new_database, postgres_url  # noqa: F401
-from serving import ServeProcess, make_repo, request
+from helpers import pngs
+from helpers.pg import drop_database, new_database, postgres_url  # noqa: F401
+from helpers.serving import ServeProcess, make_repo, request
 
 ADMIN = "admin-secret"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
-
-
-def _pngs(n: int) -> list[bytes]:
-    x, _ = animals(max(1, n // 10 + 1))
-    out = []
-    for image in x[:n]:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "PNG")
-        out.append(buffer.getvalue())
-    return out
 
 
 def _kill_mid_stream_and_restart(repo, config_file, tmp_path) -> None:
@@ -59,7 +47,7 @@ def _kill_mid_stream_and_restart(repo, config_file, tmp_path) -> None:
 
     try:
         with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(device, i, png) for i, png in enumerate(_pngs(8))]
+            futures = [pool.submit(device, i, png) for i, png in enumerate(pngs(8))]
             deadline = 60.0
             while len(acknowledged) < 40 and deadline > 0:
                 stop.wait(0.1)
@@ -172,7 +160,7 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_client, path, body, tail, header):
 @given(data=st.binary(max_size=2048), content_type=st.sampled_from(
     ["image/png", "application/octet-stream", "multipart/form-data; boundary=x", "multipart/form-data", ""]))
 def test_fuzzed_images_never_get_a_5xx(fuzz_client, data, content_type):
-    png = _pngs(1)[0]
+    png = pngs(1)[0]
     for body in (data, png[:len(data) % len(png)] + data, b"--x\r\nContent-Disposition: form-data; name=\"image\"; "
                  b"filename=\"a\"\r\n\r\n" + data + b"\r\n--x--\r\n"):
         for url in ("/v1/models/animals/classify", "/v2/models/animals/explain"):

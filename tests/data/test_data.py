@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import animals
+from helpers import make_folder
 from tandem.data import ANIMAL_CLASSES, load_dataset, split_dataset
 from tandem.data.cache import cache_file
 from tandem.errors import UserError
@@ -19,18 +19,6 @@ def cache_dir(tmp_path, monkeypatch):
     """Each test its own decode cache: none reads another's, none writes to ~/.cache."""
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-def make_folder(root, per_class=4, classes=("cat", "dog"), rgb=False):
-    x, y = animals(per_class, classes=len(classes))
-    for image, label in zip(x, y):
-        folder = root / classes[label]
-        folder.mkdir(parents=True, exist_ok=True)
-        picture = Image.fromarray(image).resize((40, 33))  # any size: resized on load
-        if rgb:
-            picture = picture.convert("RGB")
-        picture.save(folder / f"{len(list(folder.iterdir())):03d}.{'jpg' if rgb else 'png'}")
-    return root
 
 
 def test_embedded_animals_split_is_deduplicated_stratified_and_seeded():

@@ -5,8 +5,7 @@ import time
 
 import pytest
 
-from conftest import animals, run_tandem
-from test_data import make_folder
+from helpers import animals, make_folder, run_tandem
 
 
 def _one_line_error(proc, expected: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_tandem
+from helpers import run_tandem
 from tandem.bundle import read_manifest
 from tandem.config import TrainConfig, load_config
 from tandem.errors import UserError

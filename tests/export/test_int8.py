@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_tandem
+from helpers import run_tandem
 from tandem.bundle import read_manifest, sha256_file, write_manifest
 from tandem.errors import UserError
 from tandem.export import quantize

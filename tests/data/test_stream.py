@@ -197,7 +197,7 @@ def test_training_streamed_equals_training_in_memory(folder, tmp_path):
 @pytest.mark.slow
 def test_resume_names_a_changed_stream_mode(folder, tmp_path):
     """The two modes fingerprint the same images differently: a resume across them says what to set."""
-    from conftest import run_tandem
+    from helpers import run_tandem
 
     out = tmp_path / "run"
     settings = [f"data.source={folder}", f"data.image_size={SIZE}", "data.channels=3", "data.skip_bad_files=true",

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import animals
-from serving import make_repo, request, running_server
+from helpers import animals, png_bytes, png_claiming
+from helpers.serving import make_repo, request, running_server
 from tandem.bundle import read_manifest
 from tandem.explain.occlusion import occlusion
 from tandem.explain.render import heatmap_png
@@ -50,22 +50,6 @@ def _config(tmp_path: Path, **extra) -> dict:
     return {"store": {"url": str(tmp_path / "store.sqlite")}, **extra}
 
 
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (its data does not follow): a decompression bomb's opening."""
-    import struct
-    import zlib
-
-    png = _png(np.zeros((8, 8), np.uint8))
-    ihdr = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
-    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
-
-
 def _multipart(png: bytes) -> tuple[bytes, dict]:
     boundary = "tandem-test-boundary"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
@@ -89,7 +73,7 @@ def test_the_heatmap_is_the_runtimes_occlusion_and_no_rules_say_why(repo, tmp_pa
         for n, (query, window, stride, target) in enumerate([("", 4, 2, None), ("?window=7&stride=3", 7, 3, None),
                                                                ("?window=5&target=Giraffe", 5, 2, "giraffe"),
                                                                ("?stride=1&target=3", 4, 1, 3)]):
-            png = _png(images[n])
+            png = png_bytes(images[n])
             body, headers = _multipart(png) if n % 2 else (png, None)  # raw bytes and a form, as curl sends them
             answer = _explain(base, "/v2/models/animals/explain" + query, body, headers)
             pixels = fp32.pixels([images[n]])[0]
@@ -119,9 +103,9 @@ def test_the_heatmap_is_the_runtimes_occlusion_and_no_rules_say_why(repo, tmp_pa
             assert answer["rules"] is None and "no rules" in answer["rules_reason"]
             assert "tandem rules" in answer["rules_reason"]
 
-        versioned = _explain(base, "/v2/models/animals/versions/1/explain", _png(images[0]))
+        versioned = _explain(base, "/v2/models/animals/versions/1/explain", png_bytes(images[0]))
         assert versioned["heatmap"]["values"] == _explain(base, "/v2/models/animals/explain",
-                                                          _png(images[0]))["heatmap"]["values"]
+                                                          png_bytes(images[0]))["heatmap"]["values"]
         status, _, reply = request(base + "/v2/models/animals/versions/1/concepts/0")
         assert status == 404 and "no rules" in json.loads(reply)["error"]
 
@@ -155,7 +139,7 @@ def test_the_rule_path_is_the_rule_sets_and_its_prototypes_are_served(rules_bund
     admin = {"Authorization": "Bearer explain-admin"}
     with running_server(repo, _config(tmp_path), env={"TANDEM_ADMIN_TOKEN": "explain-admin"}) as base:
         for image, reference in zip(images, expected):
-            answer = _explain(base, "/v2/models/animals/explain", _png(image))
+            answer = _explain(base, "/v2/models/animals/explain", png_bytes(image))
             assert answer["rules_reason"] is None
             path = answer["rules"]
             urls = [condition.pop("prototype_url") for condition in path["conditions"]]
@@ -175,7 +159,7 @@ def test_the_rule_path_is_the_rule_sets_and_its_prototypes_are_served(rules_bund
         gc.collect()
         assert loaded[0]() is None, "the unloaded version's rules are still held"
         assert request(base + "/v2/repository/models/animals/load", {}, admin)[0] == 200
-        assert _explain(base, "/v2/models/animals/explain", _png(images[0]))["rules"]["text"] == expected[0]["text"]
+        assert _explain(base, "/v2/models/animals/explain", png_bytes(images[0]))["rules"]["text"] == expected[0]["text"]
         assert len(loaded) == 2
         metrics = request(base + "/metrics")[2].decode()
         assert 'tandem_explain_seconds_count{model="animals",part="rules",version="1"} 11.0' in metrics
@@ -202,16 +186,16 @@ def test_an_int8_server_explains_with_the_fp32_model(tiny_bundle, tmp_path, fp32
     expected, other = occlusion(fp32, pixels), occlusion(int8, pixels)
     assert np.abs(expected.heatmap - other.heatmap).max() > 1e-4  # the two models do differ
     with running_server(tmp_path / "repo", _config(tmp_path)) as base:
-        classified = json.loads(request(base + "/v1/models/animals/classify", _png(image))[2])
+        classified = json.loads(request(base + "/v1/models/animals/classify", png_bytes(image))[2])
         assert classified["top_k"][0]["probability"] == pytest.approx(
             float(int8.probabilities([image])[0].max()), abs=1e-6)  # the server runs int8
-        answer = _explain(base, "/v2/models/animals/explain", _png(image))
+        answer = _explain(base, "/v2/models/animals/explain", png_bytes(image))
     assert answer["precision"] == "fp32"
     np.testing.assert_allclose(np.array(answer["heatmap"]["values"], np.float32), expected.heatmap, rtol=0, atol=1e-6)
 
 
 def test_every_bad_explain_request_is_a_4xx_with_a_one_line_message(repo, tmp_path):
-    png = _png(animals(1)[0][0])
+    png = png_bytes(animals(1)[0][0])
     explain = "/v2/models/animals/explain"
     cases = [
         ("POST", "/v2/models/zebra/explain", png, 404, "unknown model"),
@@ -222,8 +206,8 @@ def test_every_bad_explain_request_is_a_4xx_with_a_one_line_message(repo, tmp_pa
         ("POST", explain, b"", 400, "empty"),
         ("POST", explain, b"\x89PNG\r\n\x1a\n" + b"\x00" * 100, 400, "image"),
         ("POST", explain, png + b"\x00" * 8000, 413, "explain.max_image_bytes"),
-        ("POST", explain, _png_claiming(2100, 2000), 400, "more than the 4000000"),  # explain.max_image_pixels
-        ("POST", explain, _png_claiming(20000, 20000), 400, "more pixels than"),
+        ("POST", explain, png_claiming(2100, 2000), 400, "more than the 4000000"),  # explain.max_image_pixels
+        ("POST", explain, png_claiming(20000, 20000), 400, "more pixels than"),
         ("POST", explain + "?window=0", png, 400, "window 0"),
         ("POST", explain + "?window=29", png, 400, "window 29"),
         ("POST", explain + "?window=-3", png, 400, "window -3"),
@@ -264,7 +248,7 @@ def test_every_bad_explain_request_is_a_4xx_with_a_one_line_message(repo, tmp_pa
 
 
 def test_explain_keeps_the_servers_auth_switch_and_timeout(repo, tmp_path):
-    png = _png(animals(1)[0][0])
+    png = png_bytes(animals(1)[0][0])
     env = {"TANDEM_TOKEN": "device-secret"}
     with running_server(repo, _config(tmp_path), env=env) as base:
         url = base + "/v2/models/animals/explain"
@@ -286,7 +270,7 @@ def test_explanations_at_once_are_bounded(repo, tmp_path):
     """One at a time and none waiting: of eight sent together, the ones that find the slot taken get a 503."""
     from concurrent.futures import ThreadPoolExecutor
 
-    png = _png(animals(1)[0][0])
+    png = png_bytes(animals(1)[0][0])
     config = _config(tmp_path, explain={"max_concurrent": 1, "max_waiting": 0})
     with running_server(repo, config) as base:
         url = base + "/v2/models/animals/explain?window=1&stride=1"  # 784 copies: long enough to overlap
@@ -316,7 +300,7 @@ def test_explaining_imports_no_torch(rules_bundle, tmp_path):
     from test_torch_free import _no_torch_after
 
     make_repo(tmp_path / "repo", rules_bundle)
-    (tmp_path / "a.png").write_bytes(_png(animals(1)[0][0]))
+    (tmp_path / "a.png").write_bytes(png_bytes(animals(1)[0][0]))
     _no_torch_after(
         "from fastapi.testclient import TestClient\n"
         "from tandem.serve.app import create_app\n"

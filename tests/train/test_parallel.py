@@ -13,7 +13,7 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import parallel_worker as pw
+from helpers import parallel_worker as pw
 import pytest
 import torch
 
@@ -22,7 +22,7 @@ from tandem.train.parallel.group import Dist
 from tandem.train.parallel.pipeline import PipelineParallel, balanced_split
 from tandem.train.parallel.tensor import TensorParallel
 
-WORKER = Path(__file__).with_name("parallel_worker.py")
+WORKER = Path(pw.__file__)
 TOL = 1e-5
 
 

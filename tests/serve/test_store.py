@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pg_fixture import drop_database, new_database, postgres_url  # noqa: F401
+from helpers.pg import drop_database, new_database, postgres_url  # noqa: F401
 from tandem.errors import UserError
 from tandem.serve.database import SCHEMA_VERSION
 from tandem.serve.store import NotFound, PredictionRecord, Store, StoreError
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 TOP = [{"label": "cat", "index": 3, "probability": 0.75}, {"label": "dog", "index": 4, "probability": 0.2}]
 
 

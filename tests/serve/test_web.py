@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import animals
-from serving import make_repo, running_server
+from helpers import animals
+from helpers.serving import make_repo, running_server
 from tandem.runtime import Predictor
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -21,8 +21,8 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from conftest import animals
-from serving import make_repo, request, running_server
+from helpers import animals, png_bytes, png_claiming
+from helpers.serving import make_repo, request, running_server
 from tandem.runtime import Predictor
 from tandem.runtime.preprocess import preprocess
 
@@ -48,22 +48,6 @@ def _tensor(predictor: Predictor, n: int, seed: int = 0) -> tuple[np.ndarray, np
     x, _ = animals(1, seed=seed)  # one of each of the ten animals
     x = preprocess(predictor.pixels(x[:n, ..., None]), predictor.mean, predictor.std)
     return x, predictor.session.run(None, {predictor.input_name: x})[0]
-
-
-def _png(image: np.ndarray, mode: str | None = None) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image, mode).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (its data does not follow): a decompression bomb's opening."""
-    import struct
-    import zlib
-
-    png = _png(np.zeros((8, 8), np.uint8))
-    ihdr = b"IHDR" + struct.pack(">II", width, height) + png[24:29]
-    return png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:]
 
 
 def _client(base: str) -> triton.InferenceServerClient:
@@ -132,7 +116,7 @@ def test_classify_matches_the_runtime_on_real_images(repo, tmp_path, predictor):
     jpeg = io.BytesIO()
     phone.save(jpeg, "JPEG", quality=90)
     sixteen = (x[1].astype(np.uint16) * 257)
-    images = {"png": _png(x[0]), "jpeg": jpeg.getvalue(), "png16": _png(sixteen)}
+    images = {"png": png_bytes(x[0]), "jpeg": jpeg.getvalue(), "png16": png_bytes(sixteen)}
     with running_server(repo, _config(tmp_path)) as base:
         for kind, data in images.items():
             status, _, body = request(base + "/v1/models/animals/classify?top_k=3", data,
@@ -209,9 +193,9 @@ def test_every_error_is_a_4xx_with_a_one_line_message(repo, tmp_path, predictor)
         ("GET", "/v2/models/animals/versions/5", None, {}, 404, "no version 5"),
         ("POST", "/v1/models/animals/classify", b"not an image", {}, 400, "not an image"),
         ("POST", "/v1/models/animals/classify", b"", {}, 400, "empty"),
-        ("POST", "/v1/models/animals/classify", _png_claiming(7000, 7000), {}, 400, "more than the 40000000"),
-        ("POST", "/v1/models/animals/classify", _png_claiming(20000, 20000), {}, 400, "more pixels than"),
-        ("POST", "/v1/models/animals/classify?top_k=0", _png(np.zeros((28, 28), np.uint8)), {}, 400, "top_k"),
+        ("POST", "/v1/models/animals/classify", png_claiming(7000, 7000), {}, 400, "more than the 40000000"),
+        ("POST", "/v1/models/animals/classify", png_claiming(20000, 20000), {}, 400, "more pixels than"),
+        ("POST", "/v1/models/animals/classify?top_k=0", png_bytes(np.zeros((28, 28), np.uint8)), {}, 400, "top_k"),
         ("POST", "/v1/models/animals/classify?top_k=many", b"x", {}, 400, "top_k"),
         ("POST", "/v1/models/animals/feedback", {"prediction_id": "0" * 32, "label": "cat"}, {}, 404, "prediction"),
         ("POST", "/v1/models/animals/feedback", {"label": "cat"}, {}, 400, "prediction_id"),
@@ -266,7 +250,7 @@ def test_a_client_that_stops_sending_its_body_gets_a_504(repo, tmp_path):
 
 def test_tokens_protect_inference_and_admin(repo, tmp_path):
     env = {"TANDEM_TOKEN": "device-secret", "TANDEM_ADMIN_TOKEN": ADMIN}
-    png = _png(animals(1)[0][0])
+    png = png_bytes(animals(1)[0][0])
     with running_server(repo, _config(tmp_path), env=env) as base:
         url = base + "/v1/models/animals/classify"
         status, headers, body = request(url, png)
@@ -298,7 +282,7 @@ def test_a_token_file_and_a_missing_token_are_clear(repo, tmp_path, capsys):
     token = tmp_path / "token"
     token.write_text("from-a-file\n")
     with running_server(repo, _config(tmp_path, auth={"token_file": str(token)})) as base:
-        png = _png(animals(1)[0][0])
+        png = png_bytes(animals(1)[0][0])
         assert request(base + "/v1/models/animals/classify", png, {"Authorization": "Bearer from-a-file"})[0] == 200
     config = tmp_path / "serve.yaml"
     config.write_text("auth: {protect_inference: true, token_env: NO_SUCH_VARIABLE_SET}\n")
@@ -470,7 +454,7 @@ def test_failures_are_counted_without_unbounded_labels(repo, tmp_path):
 # -- the repository as users fill it ------------------------------------------------------------------------------
 
 def test_export_to_a_repository_adds_versions_and_a_triton_config(tiny_run, tmp_path):
-    from conftest import run_tandem
+    from helpers import run_tandem
     from test_triton_config import parse
 
     repo = tmp_path / "models"

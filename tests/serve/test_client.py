@@ -315,7 +315,7 @@ def served(tmp_path, tiny_bundle):
 def test_end_to_end_with_the_real_server(served, tiny_bundle, tmp_path, capsys):
     from PIL import Image
 
-    from conftest import animals
+    from helpers import animals
     from tandem.cli import main
     from tandem.runtime import Predictor
 

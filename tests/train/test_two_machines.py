@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from netns import (  # noqa: F401
+from helpers.netns import (  # noqa: F401
     list_namespaces,
     namespace_pids,
     namespaces,

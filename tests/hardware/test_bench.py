@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_tandem
+from helpers import run_tandem
 from tandem.bundle import read_manifest, write_manifest
 from tandem.errors import UserError
 from tandem.hardware.bench import CPU, CUDA, SCHEMA, format_report, run_bench

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_tandem
+from helpers import run_tandem
 from tandem.bundle import read_manifest, sha256_file, write_manifest
 from tandem.errors import UserError
 from tandem.explain.rules import RULES_FILE, RuleSet, feature_session, find_readout, tree_paths

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_tandem
+from helpers import run_tandem
 from tandem.train.checkpoint import list_checkpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
