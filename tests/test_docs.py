@@ -135,3 +135,10 @@ def test_commands_parse(page, command, capsys):
     except SystemExit as err:
         if err.code not in (None, 0):  # --help, --version exit 0
             pytest.fail(f"{page}: `{command}` does not parse: {capsys.readouterr().err.strip() or err}")
+
+
+def test_the_training_page_lists_every_key_a_resume_may_change():
+    from tandem.train.runs import SAFE_ON_RESUME
+
+    page = (ROOT / "docs" / "training.md").read_text()
+    assert all(f"`{key}`" in page for key in SAFE_ON_RESUME)

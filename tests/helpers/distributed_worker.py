@@ -1,6 +1,6 @@
-"""Run by tests/test_distributed.py under torchrun: local-sgd's averaging, seen from inside the processes.
+"""Run by tests/train/test_distributed.py under torchrun: local-sgd's averaging, seen from inside the processes.
 
-    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py H STEPS OUT.json
+    torchrun --standalone --nproc-per-node 2 tests/helpers/distributed_worker.py H STEPS OUT.json
 
 Trains an mlp with the LocalSGD engine on random data (each rank its own) and records, after every
 optimizer step, whether all ranks hold bitwise identical parameters.

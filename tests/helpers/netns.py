@@ -1,6 +1,6 @@
 """Two "machines" on one box: two network namespaces joined by a veth pair (iproute2's `ip netns`).
 
-    from netns import two_namespaces, wait_all
+    from helpers.netns import two_namespaces, wait_all
     with two_namespaces() as net:                   # or the `namespaces` fixture (import it into the test module)
         a = net.popen(0, [sys.executable, ...], env={"GLOO_SOCKET_IFNAME": net.ifnames[0]}, log=tmp / "node0")
         b = net.popen(1, [...], env={...}, log=tmp / "node1")

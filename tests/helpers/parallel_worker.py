@@ -1,7 +1,7 @@
-"""Run by tests/test_parallel.py under torchrun: trains tiny models with the tensor and pipeline engines and
+"""Run by tests/train/test_parallel.py under torchrun: trains tiny models with the tensor and pipeline engines and
 saves what they end with (rank 0) for the test to compare with one process. Also the helpers both sides use.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/parallel_worker.py 2 OUT_DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/helpers/parallel_worker.py 2 OUT_DIR
 """
 
 from __future__ import annotations

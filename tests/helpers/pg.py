@@ -1,6 +1,6 @@
 """A real PostgreSQL 15 server for the tests, started once per session in a temporary folder.
 
-    from pg_fixture import postgres_url, new_database  # noqa: F401
+    from helpers.pg import postgres_url, new_database  # noqa: F401
     def test_x(postgres_url):
         url = new_database(postgres_url)       # a fresh, empty database on that server
         ...

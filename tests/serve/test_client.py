@@ -303,7 +303,7 @@ def test_run_client_sends_feedback(fake, images, capsys):
 @pytest.fixture
 def served(tmp_path, tiny_bundle):
     """`tandem serve` on a repository holding the tiny bundle as animals/1, with an inference token."""
-    from serving import make_repo, running_server
+    from helpers.serving import make_repo, running_server
 
     config = {"auth": {"token_env": "TANDEM_TEST_SERVE_TOKEN", "admin_token_env": "TANDEM_TEST_SERVE_ADMIN"},
               "store": {"url": f"sqlite:///{tmp_path / 'serve.sqlite'}"}}

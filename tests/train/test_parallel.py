@@ -1,6 +1,6 @@
 """Tensor and pipeline parallelism (train/parallel/) against one process with the same seed.
 
-Two torchrun jobs (2 and 4 processes, gloo) run tests/parallel_worker.py once each; the tests compare what they
+Two torchrun jobs (2 and 4 processes, gloo) run tests/helpers/parallel_worker.py once each; the tests compare what they
 saved with one process built here: tensor parallel = the same batch in one piece; pipeline = one process with
 optim.grad_accum = data x microbatches, strided chunks (chunk k = rows k::chunks of each batch).
 """
