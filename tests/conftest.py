@@ -11,6 +11,12 @@ import pytest
 from helpers import animals
 from tandem.data.sources import ANIMAL_CLASSES
 
+# Every process the tests start computes on the same number of threads, whatever else runs on the machine: runs
+# compared with each other (resumed against uninterrupted, a command against a reference) must not differ by a
+# thread count tandem.threads chose from the load. Set before torch loads; tests/test_threads.py unsets it where
+# it tests that choice.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_decode_cache(tmp_path_factory):

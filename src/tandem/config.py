@@ -103,6 +103,24 @@ class ParallelConfig(_Section):
                                                           "before the job fails")
 
 
+class ThreadsConfig(_Section):
+    count: Union[Literal["auto"], int] = Field(
+        "auto", description="torch's intra-op threads: auto = the cores this process may use (affinity, cgroup "
+                            "quota, torchrun's share), fewer where other work keeps them busy at start; "
+                            "OMP_NUM_THREADS wins")
+    wait: Literal["auto", "spin", "passive"] = Field(
+        "auto", description="how idle threads wait: spin (briefly, then sleep; fastest on idle cores) or passive "
+                            "(sleep at once; beside other work); auto = passive when other work was measured; "
+                            "OMP_WAIT_POLICY wins")
+
+    @field_validator("count", mode="before")
+    @classmethod
+    def _auto_or_count(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024):
+            return value
+        raise ValueError(f"threads.count must be auto or a whole number from 1 to 1024 (got {value!r})")
+
+
 class TrainConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -110,6 +128,7 @@ class TrainConfig(_Section):
     schedule: ScheduleConfig = ScheduleConfig()
     augment: AugmentConfig = AugmentConfig()
     parallel: ParallelConfig = ParallelConfig()
+    threads: ThreadsConfig = ThreadsConfig()
     batch_size: int = Field(128, ge=1, le=65536, description="images per optimizer step, over all processes")
     epochs: int = Field(22, ge=1, le=10000)
     max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps (0 = no limit)")

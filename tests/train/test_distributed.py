@@ -29,6 +29,12 @@ pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_everywhere(monkeypatch):
+    """What torchrun itself sets when OMP_NUM_THREADS is unset (conftest.py pins the other tests to every CPU)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def _settings(npz: Path, out: Path, *extra: str, model: str = "cnn") -> list[str]:
     return [f"data.source={npz}", f"model.name={model}", "model.width=8", "batch_size=64", "epochs=2",
             "precision=fp32", "progress=false", "parallel.timeout=60", f"out_dir={out}", *extra]

@@ -29,6 +29,10 @@ import tandem
 from tandem.cli import demo, explain, export, hardware, predict, serve, train
 from tandem.cli.args import Parser, rank_prefix
 from tandem.errors import UserError
+from tandem.threads import apply_to_torch, choose
+
+# The commands that compute with torch in this process (train chooses its threads from its config itself).
+TORCH_COMMANDS = ("demo", "export", "explain", "rules")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,8 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         # `tandem explain B --method ig a.png`: argparse gives a `*` positional nothing once an option has come, so
         # images after options arrive here; they are images all the same. Anything else is a mistake.
-        if getattr(args, "command", None) == "explain" and not any(e.startswith("-") for e in extra):
-            args.images = [*args.images, *extra]
+        # The same for `tandem train --json epochs=3`: settings after an option are settings.
+        positional = {"explain": "images", "train": "settings", "config": "settings"}.get(getattr(args, "command", None))
+        if positional and not any(e.startswith("-") for e in extra):
+            setattr(args, positional, [*getattr(args, positional), *extra])
         else:
             prog = f"tandem {args.command}" if getattr(args, "command", None) else "tandem"
             parser.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extra)} (see `{prog} --help`)\n")
@@ -66,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in TORCH_COMMANDS:  # before torch is imported: OpenMP reads its settings once, at load
+            apply_to_torch(choose("torch"))
         return args.func(args)
     except UserError as err:
         sys.stderr.write(f"error: {rank_prefix()}{err}\n")  # one write: the ranks of a job share the stream

@@ -61,7 +61,8 @@ def register(sub) -> None:
     p.add_argument("bundle", help="bundle folder (from `tandem export`)")
     p.add_argument("--precision", choices=["all", "fp32", "int8"], default="all",
                    help="all (default): every precision the bundle has; int8 needs model.int8.onnx")
-    p.add_argument("--threads", type=threads, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=threads, default=None,
+                   help="ONNX Runtime threads (default: the cores this process may use; OMP_NUM_THREADS wins)")
     p.add_argument("--seconds", type=positive_float, default=2.0,
                    help="single-stream: at most this many seconds per precision (default: %(default)s)")
     p.add_argument("--queries", type=positive_int, default=2000,

@@ -15,7 +15,8 @@ def register(sub) -> None:
     p.add_argument("bundle", help="bundle folder (from `tandem export`)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--top-k", type=positive_int, default=1, help="how many classes to report per image (default: %(default)s)")
-    p.add_argument("--threads", type=threads, default=None, help="ONNX Runtime threads (default: all cores)")
+    p.add_argument("--threads", type=threads, default=None,
+                   help="ONNX Runtime threads (default: the cores this process may use; OMP_NUM_THREADS wins)")
     p.add_argument("--streams", type=threads, default=1,
                    help="batches classified at once, each on threads/streams threads: more images per second on "
                         "big folders with small models (try the number of cores; `tandem bench` shows the best) "

@@ -22,7 +22,7 @@ def register(sub) -> None:
                    help="an optional YAML config file, then dotted overrides such as optim.lr=0.01")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder from its newest good checkpoint "
                    "(under torchrun: the same process count and strategy); overrides may change only progress, "
-                   "checkpoint_every, keep_checkpoints, device, compile, data.workers, data.stream and parallel.timeout")
+                   "checkpoint_every, keep_checkpoints, device, compile, data.workers, data.stream, parallel.timeout and threads.*")
     p.add_argument("--json", action="store_true", help="print the final metrics as JSON on stdout (logs go to stderr)")
     p.set_defaults(func=cmd_train)
 
@@ -63,6 +63,9 @@ def cmd_train(args) -> int:
             if started_by_this_job(cfg.out_dir):  # not a folder some other run had filled before this job
                 resume = cfg.out_dir
                 cfg = resume_config(cfg.out_dir, [])  # the same command: the run's own config
+    from tandem.threads import apply_to_torch, choose
+
+    apply_to_torch(choose("torch", cfg.threads.count, cfg.threads.wait))  # before torch is imported
     from tandem.train.loop import train
 
     result = train(cfg, resume=bool(resume), log=log_for(args))

@@ -51,6 +51,7 @@ from typing import Callable
 import numpy as np
 
 from tandem.hardware.timing import alternated_seconds_per_call, cpu_name
+from tandem.threads import choose
 
 SCHEMA = "tandem.bench/1"
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
@@ -132,7 +133,7 @@ def offline(runs: list[dict[int, Callable[[int], object]]], batches: list[int], 
 
 def stream_counts(threads: int | None) -> list[int]:
     """The offline scenario's stream counts: one, and one per thread (per core when threads is not set)."""
-    return sorted({1, max(1, threads or os.cpu_count() or 1)})
+    return sorted({1, threads or choose("onnxruntime").threads})
 
 
 def cold_start(bundle: Path, precision: str, threads: int | None, provider: str) -> dict:

@@ -7,7 +7,7 @@ for each), a bad file reported, not raised, so the caller decides. Torch-free.
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from tandem.errors import UserError
 from tandem.images.pixels import IMAGE_SUFFIXES, check_resize, load_image
+from tandem.threads import core_budget
 
 POOL_MIN_FILES = 16  # below this, starting worker processes costs more than it saves
 
@@ -32,8 +33,8 @@ def decode_task(paths: list[str], size: int, channels: int, resize: str) -> list
 
 def pool_size(n_files: int, workers: int | None = None) -> int:
     """How many processes `decode_files` decodes `n_files` with (1: in this process, no pool)."""
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if workers is None:  # one per core this process may use (its CPUs, its cgroup quota: tandem.threads)
+        workers = max(1, math.floor(core_budget().cores + 1e-9))
     return 1 if workers <= 1 or n_files < POOL_MIN_FILES else workers
 
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from tandem.bundle import read_bundle_file, read_manifest, verify_bundle_signatu
 from tandem.errors import UserError
 from tandem.images import RESIZE_MODES, decode_file_batches, decode_image_bytes, expand_paths, to_pixels
 from tandem.runtime.preprocess import preprocess
+from tandem.threads import ThreadPolicy, choose
 
 # The runtime's model files by precision. model.int8.onnx is optional: export keeps it only where it passed
 # its accuracy and speed gates (tandem.export.quantize), and `auto` prefers it when the manifest lists it.
@@ -53,15 +53,16 @@ def choose_precision(manifest: dict, precision: str, bundle: str | Path = "the b
     return precision
 
 
-def runtime_session_options(threads: int | None = None) -> Any:
-    """The ONNX Runtime options the runtime runs with (what `tandem bench` and export's speed gate time too)."""
+def runtime_session_options(threads: int | None = None, wait: str = "passive") -> Any:
+    """The ONNX Runtime options the runtime runs with (what `tandem bench` and export's speed gate time too).
+    threads, wait: what tandem.threads.choose("onnxruntime") gives (None: ONNX Runtime's own count)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     # The arena keeps every peak allocation for ever; without it RSS follows the work (onnxruntime #11627).
     options.enable_cpu_mem_arena = False
-    # Spinning threads would take the cores from the processes decoding the next images.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Spinning threads would take the cores from the processes decoding the next images (the policy's default).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if wait == "spin" else "0")
     if threads:
         options.intra_op_num_threads = threads
     return options
@@ -103,6 +104,7 @@ class Predictor:
         # Small convolutions spend much of a multi-threaded run waiting on each other; one thread per batch and
         # several batches at once keep every core busy (MLPerf's offline scenario; OpenVINO's throughput mode).
         self.streams = streams
+        self.threads: ThreadPolicy | None = None  # what tandem.threads chose for the session (None: the caller's options)
         self._pool = ThreadPoolExecutor(streams, thread_name_prefix="tandem-stream") if streams > 1 else None
         self.manifest = manifest
         self.precision = precision  # which model file runs: fp32 (model.onnx) or int8 (model.int8.onnx)
@@ -153,9 +155,10 @@ class Predictor:
         precision: auto (model.int8.onnx when the manifest lists one, else model.onnx), fp32 or int8
         (a UserError if the bundle has no int8 model); `predictor.precision` says which runs.
         trusted_key: a public key (PEM); the bundle must carry a signature by it (see `tandem keygen`).
-        streams: batches run at once, for throughput (files, folders, big arrays); each gets threads // streams
-        ONNX Runtime threads (threads defaulting to every core), and there may be no more streams than threads. 1 (the default) runs one batch at a time on all
-        threads, the lowest latency for a single image.
+        threads: ONNX Runtime's intra-op threads (default: tandem.threads' choice, the cores this process may use;
+        OMP_NUM_THREADS wins). streams: batches run at once, for throughput (files, folders, big arrays); each gets
+        threads // streams threads, and there may be no more streams than threads. 1 (the default) runs one batch
+        at a time on all threads, the lowest latency for a single image.
         verify: check every listed file's sha256 (False skips the files the runtime does not read;
         the model file it runs is always checked). providers / session_options: passed to ONNX Runtime, for
         other execution providers (default: the CPU, with the memory arena off and no busy-waiting threads).
@@ -175,18 +178,19 @@ class Predictor:
             raise UserError("give either session_options or threads (set session_options.intra_op_num_threads)")
         if not isinstance(streams, int) or not 1 <= streams <= 256:
             raise UserError(f"streams must be a whole number from 1 to 256, got {streams!r}")
-        available = threads or os.cpu_count() or 1
+        policy = choose("onnxruntime", count=threads)  # the cores this process may use; OMP_NUM_THREADS wins
+        available = policy.threads
         if streams > available:
             raise UserError(f"{streams} streams need at least {streams} threads (one each), but there are {available} "
-                            f"({'threads' if threads else 'cores'}); give at most {available} streams")
-        if streams > 1 and session_options is None:
-            threads = max(1, (threads or os.cpu_count() or 1) // streams)
-        options = session_options if session_options is not None else runtime_session_options(threads)
+                            f"({policy.reason}); give at most {available} streams")
+        per_stream = max(1, available // streams)
+        options = session_options if session_options is not None else runtime_session_options(per_stream, policy.wait)
         try:
             session = ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own exception types
             raise UserError(f"bundle {bundle}: ONNX Runtime cannot load {name} ({str(err).splitlines()[0]})") from None
         predictor = cls(session, manifest, batch_size, precision, streams)
+        predictor.threads = policy if session_options is None else None
         predictor._check_against_the_graph()
         return predictor
 

@@ -114,7 +114,8 @@ class StoreConfig(_Section):
 class ServeConfig(_Section):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535)
-    threads: int = Field(0, ge=0, description="ONNX Runtime threads per model (0: one per core)")
+    threads: int = Field(0, ge=0, description="ONNX Runtime threads per model (0: the cores this process may use, "
+                                              "tandem.threads; OMP_NUM_THREADS wins)")
     top_k: int = Field(5, ge=1, description="classes returned by /classify unless the request says")
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()

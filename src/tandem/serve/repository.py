@@ -269,7 +269,9 @@ class Repository:
         retired = [v for k, v in current.items() if new.get(k) is not v]
         for old in retired:
             await old.retire()
-        self._log(f"model {name}: serving version(s) {', '.join(map(str, sorted(new)))}")
+        policy = getattr(next(iter(new.values())).predictor, "threads", None)
+        threads = f" on {policy.describe()}" if policy is not None else ""
+        self._log(f"model {name}: serving version(s) {', '.join(map(str, sorted(new)))}{threads}")
         return sorted(new)
 
     def _version(self, name, version, path, predictor, manifest, digest, spec, batching) -> ModelVersion:

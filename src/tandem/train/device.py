@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from tandem.errors import UserError
+from tandem.threads import BusyWatch, applied, apply_to_torch
 
 
 def cpu_has_native_bf16() -> bool:
@@ -39,3 +41,40 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
+
+
+class ThreadWatch:
+    """The intra-op threads of this run: what tandem.threads chose at start (threads.count=auto) revised every
+    second while it trains, so that work starting beside it (a server, a game, another trial) does
+    not stall it. A fixed count (the config, OMP_NUM_THREADS, the calling program) stays as it is."""
+
+    def __init__(self, device: torch.device) -> None:
+        policy = applied()
+        auto = device.type == "cpu" and policy is not None and policy.source == "auto" and policy.kind == "torch"
+        self.watch = BusyWatch(policy) if auto else None
+        self.changes: list[dict] = []
+
+    def check(self, step: int, log) -> None:
+        revised = self.watch.look() if self.watch is not None else None
+        if revised is None:
+            return
+        before = torch.get_num_threads()
+        apply_to_torch(revised)
+        self.changes.append({"step": step, "threads": revised.threads, "busy": revised.busy})
+        log(f"threads: {before} -> {revised.threads} at step {step} ({revised.reason})")
+
+    def report(self) -> tuple[str, dict]:
+        text, report = thread_report()
+        return text, {**report, "changes": self.changes} if self.watch is not None else report
+
+
+def thread_report() -> tuple[str, dict]:
+    """The intra-op threads this process computes with and what chose them: for the log line and --json."""
+    policy = applied()
+    actual = torch.get_num_threads()
+    if policy is None:  # the library called from the user's own program: its threads are the caller's
+        wait = "passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive" else "spin"
+        return (f"{actual} thread{'s' if actual != 1 else ''} (as the calling program set torch), {wait} wait",
+                {"threads": actual, "wait": wait, "source": "caller"})
+    report = {**policy.as_dict(), "threads": actual}
+    return policy.describe() if actual == policy.threads else f"{actual} threads (torch kept its own)", report

@@ -111,7 +111,7 @@ def verdict(run: Run, state: LoopState) -> TrainResult:
                "device": str(device), "test_images": len(splits.test), "duplicates_removed": splits.duplicates_removed,
                "stopped_early": state.stopped_early, "decode": splits.train.decode,
                "parallel": {"strategy": engine.strategy, "processes": dist_.world, **engine.report()},
-               "checkpoint": str(best), "last_checkpoint": str(last)}
+               "threads": run.threads.report()[1], "checkpoint": str(best), "last_checkpoint": str(last)}
     if dist_.is_main:
         write_json_atomic(run_dir / "results.json", {**metrics, "classes": classes,
                                                           "confusion": confusion.tolist()})

@@ -28,7 +28,7 @@ from tandem.runtime.preprocess import preprocess
 from tandem.train import checkpoint as ckpt  # noqa: F401  (tests reach the checkpoint writer as loop.ckpt)
 from tandem.train import graphs
 from tandem.train.augment import apply, draw
-from tandem.train.device import autocast_dtype, pick_precision
+from tandem.train.device import ThreadWatch, autocast_dtype, pick_precision
 from tandem.train.evaluate import TrainResult, end_of_epoch, index_batches, verdict
 from tandem.train.finetune import inherit_from_bundle, load_bundle_weights
 from tandem.train.loader import make_batches
@@ -118,7 +118,7 @@ def _place(cfg: TrainConfig, log, dist_: Dist, device: torch.device) -> Run:
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     return Run(cfg=cfg, dist=dist_, device=device, log=log, run_dir=Path(cfg.out_dir), precision=precision,
-               amp_dtype=autocast_dtype(precision))
+               amp_dtype=autocast_dtype(precision), threads=ThreadWatch(device))
 
 
 def _load_data(run: Run) -> None:
@@ -196,7 +196,7 @@ def _announce(run: Run, state: LoopState) -> None:
     params = _plural(count, "parameter", ",") + (f" ({folded:,} after batch norm is folded at export)" if folded != count else "")
     log(f"model: {cfg.model.name}, {params}; device {run.device}, precision {run.precision}; "
         f"{_plural(run.total_steps, 'step')} of {cfg.batch_size} images; {run.engine.describe()}; "
-        f"compile={run.compiled}")
+        f"compile={run.compiled}; {run.threads.report()[0]}")
 
 
 class _Progress:
@@ -328,6 +328,7 @@ def _epoch(run: Run, state: LoopState, sums, captured, progress: _Progress, t_la
         now = time.perf_counter()
         state.train_seconds, t_last = state.train_seconds + now - t_last, now
         progress.show(state, epoch)
+        run.threads.check(state.step, progress.print if progress.bar is not None else run.log)
         improved = False
         if end:
             engine.sync(run.optimizer)

@@ -24,7 +24,7 @@ RUNS_ROOT = Path("runs")
 LATEST = "latest"
 # What a resumed run may change without changing its data, its split, its model or its schedule.
 SAFE_ON_RESUME = ("progress", "checkpoint_every", "keep_checkpoints", "device", "compile", "data.workers", "data.stream",
-                  "parallel.timeout")
+                  "parallel.timeout", "threads.count", "threads.wait")
 # Everything a run writes in its folder (and the bundle folder its last log line suggests).
 RUN_FILES = {"config.yaml", "checkpoints", "metrics.jsonl", "results.json", "curves.png", "confusion.png", "bundle"}
 

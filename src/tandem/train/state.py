@@ -63,6 +63,7 @@ class Run:
     total_steps: int = 0
     val_batches: list = field(default_factory=list)
     metrics_path: Path | None = None
+    threads: Any = None  # train.device.ThreadWatch: the CPU threads, revised while an automatic choice trains
 
     @property
     def classes(self) -> list[str]:
