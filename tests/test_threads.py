@@ -60,8 +60,8 @@ def test_the_environment_wins_over_the_config_and_the_config_over_the_choice():
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"OMP_NUM_THREADS": "many"}, "OMP_NUM_THREADS='many' is not a whole number"),
-    ({"OMP_NUM_THREADS": "0"}, "OMP_NUM_THREADS='0' is not a whole number"),
+    ({"OMP_NUM_THREADS": "many"}, r"OMP_NUM_THREADS='many' is not a whole number of threads \(1 or more\)"),
+    ({"OMP_NUM_THREADS": "0"}, r"OMP_NUM_THREADS='0' is not a whole number of threads \(1 or more\)"),
     ({"OMP_WAIT_POLICY": "sometimes"}, "neither ACTIVE nor PASSIVE"),
 ])
 def test_a_bad_environment_variable_is_one_clear_error(env, message):
@@ -201,3 +201,25 @@ def test_the_runtime_takes_its_threads_from_the_same_policy(tiny_bundle, monkeyp
     assert (predictor.threads.threads, predictor.threads.source, predictor.threads.wait) == (2, "config", "passive")
     assert predictor.session.get_session_options().intra_op_num_threads == 2
     assert predictor.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_train_called_from_python_takes_the_configs_count_and_otherwise_the_callers(small_npz, tmp_path, monkeypatch):
+    import torch
+
+    from tandem.config import TrainConfig
+    from tandem.train.loop import train
+
+    monkeypatch.setattr(threads, "_applied", None)  # no tandem command chose anything in this process
+    before = torch.get_num_threads()
+    base = {"data": {"source": str(small_npz)}, "model": {"width": 8}, "max_steps": 2, "batch_size": 32,
+            "progress": False, "overwrite": True}
+    try:
+        fixed = train(TrainConfig.model_validate({**base, "out_dir": str(tmp_path / "a"), "threads": {"count": 1}}),
+                      log=lambda *a, **k: None).metrics["threads"]
+        assert (fixed["threads"], fixed["source"]) == (1, "config") and torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        caller = train(TrainConfig.model_validate({**base, "out_dir": str(tmp_path / "b")}),
+                       log=lambda *a, **k: None).metrics["threads"]
+        assert (caller["threads"], caller["source"]) == (before, "caller")
+    finally:
+        torch.set_num_threads(before)

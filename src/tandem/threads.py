@@ -206,8 +206,8 @@ def decide(kind: Kind, budget: CoreBudget, busy: float | None, count: int | str 
     if env_threads is not None and env_threads.strip():
         threads = _positive_int(env_threads.split(",")[0])
         if threads is None:
-            raise UserError(f"OMP_NUM_THREADS={env_threads!r} is not a whole number of threads; set it to e.g. 1 or "
-                            "unset it to let tandem choose")
+            raise UserError(f"OMP_NUM_THREADS={env_threads!r} is not a whole number of threads (1 or more); set it "
+                            "to e.g. 1, or unset it to let tandem choose")
         source, reason = "OMP_NUM_THREADS", f"OMP_NUM_THREADS={threads}"
     elif count != "auto":
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:

@@ -142,3 +142,25 @@ def test_demo_keeps_the_config_to_the_run_folder_and_verbose(tmp_path):
         log("epoch 1/1")
     assert said == [f"config: {tmp_path / 'run' / 'config.yaml'} (`tandem demo --verbose` prints it)", "epoch 1/1",
                     "config:\nepochs: 1\nseed: 0\n", "epoch 1/1"]
+
+
+def test_a_torchrun_worker_leaves_without_the_exit_time_destructors(monkeypatch, capsys):
+    """Under torchrun, gloo's threads outlive the process group and C++'s exit-time destructors would abort a
+    run that succeeded (exit -6, the whole job failed): the command ends with os._exit, its output flushed."""
+    import os
+    import sys
+
+    import torch.distributed  # noqa: F401  (what a worker has loaded once it has trained)
+
+    from tandem import cli
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+    assert cli.main(["config", "--json"]) == 0 and exits == []  # not a worker: the ordinary exit
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert "torch.distributed" in sys.modules
+    cli.main(["config", "--json"])
+    assert exits == [0] and capsys.readouterr().out.count('"key": "threads.count"') == 2  # both runs printed
+    cli.main(["train", "optim.lr=-1"])
+    assert exits == [0, 2]  # an error's exit code too

@@ -48,8 +48,13 @@ class ThreadWatch:
     second while it trains, so that work starting beside it (a server, a game, another trial) does
     not stall it. A fixed count (the config, OMP_NUM_THREADS, the calling program) stays as it is."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, count: int | str = "auto") -> None:
         policy = applied()
+        if policy is None and count != "auto":  # train() called from Python with threads.count set: the count
+            torch.set_num_threads(int(count))   # applies now (the wait policy only as torch was loaded)
+            self.fixed = int(count)
+        else:
+            self.fixed = None
         auto = device.type == "cpu" and policy is not None and policy.source == "auto" and policy.kind == "torch"
         self.watch = BusyWatch(policy) if auto else None
         self.changes: list[dict] = []
@@ -65,6 +70,9 @@ class ThreadWatch:
 
     def report(self) -> tuple[str, dict]:
         text, report = thread_report()
+        if self.fixed is not None:
+            text = text.replace("as the calling program set torch", "threads.count in the config")
+            report = {**report, "source": "config"}
         return text, {**report, "changes": self.changes} if self.watch is not None else report
 
 

@@ -118,7 +118,7 @@ def _place(cfg: TrainConfig, log, dist_: Dist, device: torch.device) -> Run:
     torch.manual_seed(cfg.seed)
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     return Run(cfg=cfg, dist=dist_, device=device, log=log, run_dir=Path(cfg.out_dir), precision=precision,
-               amp_dtype=autocast_dtype(precision), threads=ThreadWatch(device))
+               amp_dtype=autocast_dtype(precision), threads=ThreadWatch(device, cfg.threads.count))
 
 
 def _load_data(run: Run) -> None:
