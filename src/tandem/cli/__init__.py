@@ -57,10 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
-    if "torch.distributed" in sys.modules and "LOCAL_RANK" in os.environ and "TORCHELASTIC_RUN_ID" in os.environ:
+    if code == 0 and "torch.distributed" in sys.modules and "LOCAL_RANK" in os.environ \
+            and "TORCHELASTIC_RUN_ID" in os.environ:
         # A worker of torchrun: gloo's threads outlive the process group, and C++'s exit-time destructors then
         # abort a process whose run succeeded ("terminate called without an active exception", exit -6), which
         # fails the whole job. Its files are already fsynced and renamed: leave once the output is flushed.
+        # (A failed rank exits as usual: torchrun ends the job at the first exit, and the other ranks need the
+        # time to print their own error.)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
