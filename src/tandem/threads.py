@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,11 @@ class CoreBudget:
     cores: float
     cpus: tuple[int, ...]
     limits: tuple[str, ...]
+
+    @property
+    def whole(self) -> int:
+        """A thread or process per whole core, at least one (a quota of 1.5 cores gives 1)."""
+        return max(1, math.floor(self.cores + 1e-9))
 
 
 @dataclass(frozen=True)
@@ -201,7 +207,7 @@ def decide(kind: Kind, budget: CoreBudget, busy: float | None, count: int | str 
            env: Mapping[str, str] | None = None) -> ThreadPolicy:
     """The choice, from what was measured: pure, so each case is tested on its own."""
     env = user_environment(os.environ if env is None else env)
-    whole = max(1, math.floor(budget.cores + 1e-9))
+    whole = budget.whole
     env_threads = env.get("OMP_NUM_THREADS")
     if env_threads is not None and env_threads.strip():
         threads = _positive_int(env_threads.split(",")[0])
@@ -280,8 +286,6 @@ def apply_to_torch(policy: ThreadPolicy) -> ThreadPolicy:
     # What tandem set rather than the user is marked, so that a later choice (here, or in a process this one
     # starts) is not told the user set it. A variable the user set (and so won) stays theirs.
     os.environ[MARK] = ",".join(f"{k}={v}" for k, v in ours.items() if k not in user)
-    import sys
-
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(policy.threads)
     _applied = policy

@@ -6,6 +6,7 @@ import os
 
 from tandem.cli.args import log_for, print_json
 from tandem.errors import UserError
+from tandem.threads import apply_to_torch, choose
 
 
 def register(sub) -> None:
@@ -63,8 +64,6 @@ def cmd_train(args) -> int:
             if started_by_this_job(cfg.out_dir):  # not a folder some other run had filled before this job
                 resume = cfg.out_dir
                 cfg = resume_config(cfg.out_dir, [])  # the same command: the run's own config
-    from tandem.threads import apply_to_torch, choose
-
     apply_to_torch(choose("torch", cfg.threads.count, cfg.threads.wait))  # before torch is imported
     from tandem.train.loop import train
 

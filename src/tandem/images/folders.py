@@ -7,7 +7,6 @@ for each), a bad file reported, not raised, so the caller decides. Torch-free.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,7 +33,7 @@ def decode_task(paths: list[str], size: int, channels: int, resize: str) -> list
 def pool_size(n_files: int, workers: int | None = None) -> int:
     """How many processes `decode_files` decodes `n_files` with (1: in this process, no pool)."""
     if workers is None:  # one per core this process may use (its CPUs, its cgroup quota: tandem.threads)
-        workers = max(1, math.floor(core_budget().cores + 1e-9))
+        workers = core_budget().whole
     return 1 if workers <= 1 or n_files < POOL_MIN_FILES else workers
 
 

@@ -50,11 +50,10 @@ class ThreadWatch:
 
     def __init__(self, device: torch.device, count: int | str = "auto") -> None:
         policy = applied()
-        if policy is None and count != "auto":  # train() called from Python with threads.count set: the count
-            torch.set_num_threads(int(count))   # applies now (the wait policy only as torch was loaded)
-            self.fixed = int(count)
-        else:
-            self.fixed = None
+        # train() called from Python with threads.count set: the count applies now (the wait as torch was loaded).
+        self.from_config = policy is None and count != "auto"
+        if self.from_config:
+            torch.set_num_threads(int(count))
         auto = device.type == "cpu" and policy is not None and policy.source == "auto" and policy.kind == "torch"
         self.watch = BusyWatch(policy) if auto else None
         self.changes: list[dict] = []
@@ -69,20 +68,14 @@ class ThreadWatch:
         log(f"threads: {before} -> {revised.threads} at step {step} ({revised.reason})")
 
     def report(self) -> tuple[str, dict]:
-        text, report = thread_report()
-        if self.fixed is not None:
-            text = text.replace("as the calling program set torch", "threads.count in the config")
-            report = {**report, "source": "config"}
+        """The threads this process computes with and what chose them: for the log line and --json."""
+        policy, actual = applied(), torch.get_num_threads()
+        if policy is None:  # the library called from the user's own program
+            wait = "passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive" else "spin"
+            why = "threads.count in the config" if self.from_config else "as the calling program set torch"
+            text = f"{actual} thread{'s' if actual != 1 else ''} ({why}), {wait} wait"
+            report = {"threads": actual, "wait": wait, "source": "config" if self.from_config else "caller"}
+        else:
+            text = policy.describe() if actual == policy.threads else f"{actual} threads (torch kept its own)"
+            report = {**policy.as_dict(), "threads": actual}
         return text, {**report, "changes": self.changes} if self.watch is not None else report
-
-
-def thread_report() -> tuple[str, dict]:
-    """The intra-op threads this process computes with and what chose them: for the log line and --json."""
-    policy = applied()
-    actual = torch.get_num_threads()
-    if policy is None:  # the library called from the user's own program: its threads are the caller's
-        wait = "passive" if os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive" else "spin"
-        return (f"{actual} thread{'s' if actual != 1 else ''} (as the calling program set torch), {wait} wait",
-                {"threads": actual, "wait": wait, "source": "caller"})
-    report = {**policy.as_dict(), "threads": actual}
-    return policy.describe() if actual == policy.threads else f"{actual} threads (torch kept its own)", report
