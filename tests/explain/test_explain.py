@@ -370,14 +370,16 @@ def test_evaluate_reports_every_method_against_random(trained_bundle):
 
 
 def test_occlusion_through_the_command_imports_no_torch(trained_bundle, photo_folder, tmp_path):
-    """An inference-only install explains by occlusion, on images and on the test split."""
+    """An inference-only install explains by occlusion, on images and on the test split (the randomisation check,
+    which needs torch, skipped: tests/explain/test_faithfulness_baselines.py checks the report says so)."""
     code = f"""
 import argparse, sys
 from tandem.cli.explain import register
 parser = argparse.ArgumentParser()
 register(parser.add_subparsers())
 for argv in ([{str(trained_bundle)!r}, {str(photo_folder / 'a')!r}, '--method', 'occlusion', '--out', {str(tmp_path)!r}],
-             [{str(trained_bundle)!r}, '--evaluate', '--methods', 'occlusion', '--limit', '5', '--json']):
+             [{str(trained_bundle)!r}, '--evaluate', '--methods', 'occlusion', '--limit', '5', '--randomisation-images', '0',
+              '--json']):
     args = parser.parse_args(['explain', *argv])
     assert args.func(args) == 0
 assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))

@@ -2,7 +2,8 @@
 and IF-THEN rules over concepts the network uses.
 
     tandem explain BUNDLE IMAGE... [--method ig|gradcam|occlusion] [--target LABEL] [--out DIR] [--json]
-    tandem explain BUNDLE --evaluate [--methods ig,gradcam,occlusion] [--limit N] [--steps N] [--json]
+                                   [--baseline black|blur|mean] [--steps N] [--smooth N] [--layer NAME]
+    tandem explain BUNDLE --evaluate [--methods ig,gradcam,occlusion] [--limit N] [--curve-steps N] [--json]
     tandem rules BUNDLE [--max-leaves 32] [--concepts K] [--json] [--out DIR]    fit, store, print
     tandem rules BUNDLE --show [--json]                                          the stored rules
     tandem rules BUNDLE --explain IMAGE... [--json]                              each image's rule path
@@ -28,6 +29,8 @@ EXAMPLES = """examples:
   tandem explain bundles/animals/1 cat.png --out why/ --json      a machine-readable report on stdout
   tandem explain bundles/animals/1 --evaluate                     faithfulness of every method on the test split
   tandem explain bundles/animals/1 --evaluate --methods ig,occlusion --limit 200 --json
+  tandem explain bundles/animals/1 cat.png --baseline blur --steps 100 --smooth 16   IG from a blurred image, SmoothGrad
+  tandem explain bundles/animals/1 cat.png --method gradcam --layer 13            Grad-CAM on another layer
 
 Each image gets NAME.METHOD.png (the image and the map over it: red raises the class's probability, blue lowers
 it), NAME.METHOD.npy (the raw map) and NAME.METHOD.json in --out. Every method explains the softmax probability
@@ -36,7 +39,11 @@ of the predicted class (or --target) against a black image. Existing files are n
 --evaluate removes pixels in the order of each method's map (deletion: set to black; insertion: put back into
 a black image) and tracks the probability of the predicted class: a faithful map makes it fall fast (small
 deletion AUC) and rise fast (large insertion AUC). Each method is compared with a random order on the same
-images, and a method that does not beat it is reported as such. --json prints schema tandem.explain/1."""
+images, and a method that does not beat it is reported as such. It is called faithful only when it also beats
+two maps that ignore the model (pixel brightness, a Sobel edge map) on both curves under three fills (removed
+pixels become black, the blurred image, or the mean image), and passes the randomisation check (Adebayo et al.
+2018, Quantus's MPRT: its map must change once the network's weights are randomised, layer by layer from the
+top). --json prints schema tandem.explain/1."""
 
 RULES_EXAMPLES = """examples:
   tandem rules bundles/animals/1                      fit concepts and a 32-leaf tree, store them, print the rules
@@ -75,15 +82,32 @@ def register(sub) -> None:
                    help="occlusion: side of the black square (default: image size / 7, 4 for 28 pixels)")
     p.add_argument("--stride", type=counted(1, 4096), default=None, metavar="PIXELS",
                    help="occlusion: step between squares (default: half the window)")
+    p.add_argument("--baseline", default=None, metavar="black|blur|mean",
+                   help="ig and occlusion: the reference image, black (raw 0, default), blur (the image under a "
+                        "Gaussian blur, sigma = side / 10) or mean (the training split's mean image where the data "
+                        "is reachable, else each image's mean value; the JSON says which)")
+    p.add_argument("--steps", default=None, metavar="N",
+                   help="ig: Integrated Gradients' steps (Captum's n_steps, default 50); the deletion and insertion "
+                        "curves' steps of --evaluate are --curve-steps")
+    p.add_argument("--smooth", default=None, metavar="N",
+                   help="ig and gradcam: SmoothGrad (Captum's NoiseTunnel), the mean map over N noisy copies of the "
+                        "image, noise sigma 15%% of the pixel range (default 0: off)")
+    p.add_argument("--layer", default=None, metavar="NAME",
+                   help="gradcam: the module to weigh, a name from the model's named_modules() (default: the last "
+                        "convolutional block; an unknown name lists the valid ones)")
     p.add_argument("--evaluate", action="store_true",
-                   help="measure faithfulness (deletion and insertion curves against random) on the test split")
+                   help="measure faithfulness (deletion and insertion curves against random and model-free "
+                        "baselines under three fills, and the randomisation check) on the test split")
     p.add_argument("--methods", default=None, metavar="M,M,...",
                    help="with --evaluate: the methods to score (default: every method this install and model run)")
     p.add_argument("--limit", type=counted(1), default=None, metavar="N",
                    help="with --evaluate: a seeded sample of N test images (default: all of them)")
-    p.add_argument("--steps", type=counted(1, 1 << 20), default=None, metavar="N",
-                   help="with --evaluate: steps of each curve (default: the image's side, 28 for the animals: one "
-                        "row's worth of pixels a step)")
+    p.add_argument("--curve-steps", type=counted(1, 1 << 20), default=None, metavar="N",
+                   help="with --evaluate: steps of each deletion and insertion curve (default: the image's side, 28 "
+                        "for the animals: one row's worth of pixels a step); not IG's --steps")
+    p.add_argument("--randomisation-images", type=counted(0, 1 << 20), default=None, metavar="N",
+                   help="with --evaluate: test images the randomisation check explains at every layer (default: 32; "
+                        "0 skips the check, and then no method is called faithful)")
     p.add_argument("--seed", type=counted(0, 2**32 - 1), default=0,
                    help="with --evaluate: seed of the random order and of --limit's sample (default: %(default)s)")
     p.add_argument("--json", action="store_true", help=f"print a report as JSON (schema {SCHEMA})")
@@ -127,8 +151,9 @@ def cmd_explain(args) -> int:
         if args.out is not None or args.force:
             raise UserError("--evaluate writes no files (it prints, or --json); drop --out and --force")
         return _evaluate(args)
-    extra = [flag for flag, value in (("--methods", args.methods), ("--limit", args.limit), ("--steps", args.steps))
-             if value is not None]
+    extra = [flag for flag, value in (("--methods", args.methods), ("--limit", args.limit),
+                                      ("--curve-steps", args.curve_steps),
+                                      ("--randomisation-images", args.randomisation_images)) if value is not None]
     if extra:
         raise UserError(f"{', '.join(extra)} {'apply' if len(extra) > 1 else 'applies'} only with --evaluate; add "
                         f"--evaluate, or drop {'them' if len(extra) > 1 else 'it'}")
@@ -150,8 +175,10 @@ def _explain_images(args) -> int:
         method, note = default_method()
     if note:
         print(note, file=sys.stderr)
+    options = _options(args)
+    options.check([method])
     run = ImageExplanations(args.bundle, args.images, method, args.target, args.out or "explanations", args.force,
-                            args.window, args.stride)
+                            args.window, args.stride, options)
     out, kind = run.out, run.kind
     results: list[dict] = []
     failed = 0
@@ -186,8 +213,16 @@ def _short(value: Any, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
+def _options(args):
+    """--baseline, --steps, --smooth and --layer, each bad value a one-line error."""
+    from tandem.explain.options import AttributionOptions
+
+    return AttributionOptions.parse(args.baseline, args.steps, args.smooth, args.layer)
+
+
 def _evaluate(args) -> int:
-    from tandem.explain.evaluate import evaluate_bundle, format_evaluation
+    from tandem.explain.evaluate import evaluate_bundle
+    from tandem.explain.evaluate_text import format_evaluation
     from tandem.explain.methods import parse_methods
 
     if args.methods is not None:
@@ -204,13 +239,16 @@ def _evaluate(args) -> int:
     window_methods = methods if methods is not None else list(METHODS)
     if (args.window or args.stride) and "occlusion" not in window_methods:
         raise UserError("--window and --stride set occlusion's square; add occlusion to --methods, or drop them")
+    options = _options(args)
+    options.check(window_methods)
+    settings = {"options": options, "randomisation_images": args.randomisation_images}
     if bar:
         with bar:
-            report = evaluate_bundle(args.bundle, methods, args.limit, args.steps, args.seed, args.window, args.stride,
-                                     bar)
+            report = evaluate_bundle(args.bundle, methods, args.limit, args.curve_steps, args.seed, args.window,
+                                     args.stride, bar, **settings)
     else:  # off a terminal: a line every few seconds instead of a bar
-        report = evaluate_bundle(args.bundle, methods, args.limit, args.steps, args.seed, args.window, args.stride,
-                                 LineProgress("explain --evaluate"))
+        report = evaluate_bundle(args.bundle, methods, args.limit, args.curve_steps, args.seed, args.window,
+                                 args.stride, LineProgress("explain --evaluate"), **settings)
     if args.json:
         print_json(report)
     else:

@@ -1,5 +1,7 @@
 """Faithfulness of every attribution method on a bundle's test split: deletion and insertion curves against a
-random order (tandem.explain.faithfulness). What `tandem explain BUNDLE --evaluate` runs and prints."""
+random order (tandem.explain.faithfulness), against every model-free baseline under every fill
+(tandem.explain.faithful), and the randomisation check (tandem.explain.sanity). What `tandem explain BUNDLE
+--evaluate` runs; tandem.explain.evaluate_text prints it."""
 
 from __future__ import annotations
 
@@ -11,18 +13,24 @@ import numpy as np
 
 from tandem.errors import UserError
 from tandem.explain.methods import SCHEMA, TITLES, attribution_maps, parse_methods, torch_explainer, torch_side_installed
+from tandem.explain.options import AttributionOptions
 
 
 def evaluate_bundle(bundle: str | Path, methods: list[str] | None = None, limit: int | None = None,
-                    steps: int | None = None, seed: int = 0, window: int | None = None, stride: int | None = None,
-                    progress: Any = None) -> dict:
+                    curve_steps: int | None = None, seed: int = 0, window: int | None = None,
+                    stride: int | None = None, progress: Any = None, options: AttributionOptions | None = None,
+                    randomisation_images: int | None = None) -> dict:
     """Every method's faithfulness on the bundle's test split (all of it, or a seeded sample of `limit` images):
-    the JSON report of `tandem explain BUNDLE --evaluate`. `progress`: a rich Progress, or None."""
-    from tandem.explain import faithfulness
+    the JSON report of `tandem explain BUNDLE --evaluate`. `progress`: a rich Progress, or None. options: the
+    methods' settings (--baseline, --steps, --smooth, --layer). randomisation_images: images the randomisation
+    check explains at every layer (default tandem.explain.sanity.RANDOMISATION_IMAGES; 0 skips it)."""
+    from tandem.explain import faithful, faithfulness
+    from tandem.explain.baselines import FILL_TEXT, FILLS, data_mean_image, fill_images
     from tandem.explain.data import bundle_splits, split_pixels
     from tandem.explain.occlusion import check_window, window_for
     from tandem.runtime import Predictor
 
+    options = options or AttributionOptions()
     loading = progress.add_task("loading the bundle and data", total=None) if progress else None
     predictor = Predictor.load(bundle, precision="fp32")
     manifest = predictor.manifest
@@ -38,15 +46,16 @@ def evaluate_bundle(bundle: str | Path, methods: list[str] | None = None, limit:
             except UserError:
                 has_conv = False
         methods, notes = parse_methods(None, has_conv)
+    options.check(methods)
     default_window = window_for(predictor.image_size)
     window = window or default_window[0]
     stride = stride or max(1, window // 2)
     if "occlusion" in methods:
         check_window(predictor.image_size, predictor.image_size, window, stride)
-    explainer = torch_explainer(str(bundle), manifest, methods)
-    steps = steps or predictor.image_size  # one row's worth of pixels a step, as Petsiuk et al. did at 224 pixels
+    explainer = torch_explainer(str(bundle), manifest, methods, options)
+    steps = curve_steps or predictor.image_size  # one row's worth of pixels a step, as Petsiuk et al. did at 224 pixels
     if not 1 <= steps <= predictor.image_size ** 2:  # checked before the attributions, which take minutes
-        raise UserError(f"--steps {steps}: give 1 to {predictor.image_size ** 2} (the pixels of one image)")
+        raise UserError(f"--curve-steps {steps}: give 1 to {predictor.image_size ** 2} (the pixels of one image)")
     test = bundle_splits(bundle, manifest).test
     total = len(test.labels)
     index = None
@@ -55,6 +64,9 @@ def evaluate_bundle(bundle: str | Path, methods: list[str] | None = None, limit:
     pixels, labels = split_pixels(test, index)
     if len(pixels) == 0:
         raise UserError(f"bundle {bundle}: its test split is empty; nothing to evaluate on")
+    data_mean = explainer.data_mean() if explainer is not None else data_mean_image(bundle, manifest)
+    mean_source = ("the training split's mean image" if data_mean is not None else
+                   "each image's own mean value (the training data is not reachable here)")
     probabilities = predictor.probabilities(pixels)
     targets = probabilities.argmax(1)
     if progress:
@@ -67,69 +79,84 @@ def evaluate_bundle(bundle: str | Path, methods: list[str] | None = None, limit:
         task = progress.add_task(f"{TITLES[method]}", total=len(pixels)) if progress else None
         advance = (lambda n, task=task: progress.advance(task, n)) if progress else None
         start = time.perf_counter()
-        maps[method], deltas = attribution_maps(method, predictor, pixels, targets, window, stride, explainer, advance)
+        maps[method], deltas = attribution_maps(method, predictor, pixels, targets, window, stride, explainer, advance,
+                                                options, data_mean)
         timing[method] = (time.perf_counter() - start) / len(pixels)
         if deltas is not None:
-            gap = probabilities[np.arange(len(targets)), targets] - _black_probability(predictor, pixels, targets)
+            reference = _reference_probability(predictor, explainer, pixels, targets, options.baseline)
+            gap = probabilities[np.arange(len(targets)), targets] - reference
             extra[method] = {"convergence_delta_median_abs": float(np.median(np.abs(deltas))),
                              "convergence_delta_max_abs": float(np.max(np.abs(deltas))),
                              "mean_abs_change_explained": float(np.mean(np.abs(gap)))}
-    curve_task = progress.add_task("deletion and insertion curves", total=len(methods) + 1) if progress else None
-    report = faithfulness.evaluate(predictor.probabilities, pixels, maps, steps, seed, targets,
-                                   progress=(lambda _: progress.advance(curve_task)) if progress else None)
+    fills = {name: fill_images(name, pixels, data_mean) for name in FILLS}
+    curve_task = (progress.add_task("deletion and insertion curves", total=len(FILLS) * (len(methods) + 3))
+                  if progress else None)
+    kept: dict[str, dict] = {}
+    comparison = faithful.compare_with_baselines(
+        predictor.probabilities, pixels, maps, fills, steps, seed, targets,
+        progress=(lambda _: progress.advance(curve_task)) if progress else None, keep=kept)
+    black = kept["black"]
+    report = faithfulness.Report(len(pixels), steps, seed, black["random"], {m: black[m] for m in methods},
+                                 {m: faithfulness.score(black[m], black["random"]) for m in methods})
+    randomisation, why = _randomisation(bundle, manifest, explainer, methods, pixels, targets, options, window,
+                                        stride, randomisation_images, progress)
+    verdicts = faithful.final_verdicts(comparison, {m: (randomisation or {}).get(m) for m in methods}, why)
     result = {"schema": SCHEMA, "kind": "evaluation", "bundle": str(bundle), "split": "test",
               "images": len(pixels), "test_images": total, "sample": "seeded" if index is not None else "all",
-              "accuracy": float((targets == labels).mean()), "steps": steps, "seed": seed,
+              "accuracy": float((targets == labels).mean()), "steps": steps, "curve_steps": steps, "seed": seed,
               "removed_pixels_become": "black (raw 0)", "tracked": "softmax probability of the predicted class",
               "occlusion": {"window": window, "stride": stride} if "occlusion" in methods else None,
-              "notes": notes, **report.to_dict()}
+              "settings": {m: options.settings(m, mean_source) for m in methods},
+              "notes": notes, **report.to_dict(),
+              "fills": {name: {"text": FILL_TEXT[name] if name != "mean" else mean_source, **comparison["fills"][name]}
+                        for name in FILLS},
+              "baselines": comparison["baselines"],
+              "randomisation": randomisation if randomisation is not None else {"skipped": why},
+              "faithful": [m for m in methods if verdicts[m]["faithful"]]}
     for method in methods:
         result["methods"][method]["seconds_per_image"] = timing[method]
         result["methods"][method].update(extra.get(method, {}))
+        result["methods"][method]["faithfulness"] = verdicts[method]
     return result
 
 
-def _black_probability(predictor: Any, pixels: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    black = predictor.probabilities(np.zeros((1, *pixels.shape[1:]), np.uint8))[0]
-    return black[targets]
+def _randomisation(bundle: str | Path, manifest: dict, explainer: Any, methods: list[str], pixels: np.ndarray,
+                   targets: np.ndarray, options: AttributionOptions, window: int, stride: int, images: int | None,
+                   progress: Any) -> tuple[dict | None, str | None]:
+    """({name: check} for every method and the two model-free maps, None) or (None, why it did not run). Occlusion
+    is checked through Captum's Occlusion on the torch network (the runtime's equals it to 1e-6)."""
+    from tandem.explain import sanity
+    from tandem.explain.baselines import brightness_maps, edge_maps
+
+    images = sanity.RANDOMISATION_IMAGES if images is None else images
+    if images == 0:
+        return None, "--randomisation-images 0"
+    if explainer is None:
+        if not torch_side_installed():
+            return None, "it needs torch and captum (pip install 'tandem[explain]')"
+        from tandem.explain.attribute import TorchExplainer
+
+        explainer = TorchExplainer(bundle, manifest)  # occlusion alone: the weights in torch, for the check
+    if not sanity.quantus_installed():
+        return None, "it needs quantus (pip install 'tandem[explain]')"
+    part, t = pixels[:images], targets[:images]
+    task = progress.add_task("randomisation check", total=len(methods) + 2) if progress else None
+    found = {}
+    checks = {**{m: m for m in methods},
+              "brightness": lambda model, p, _t: brightness_maps(p), "edge": lambda model, p, _t: edge_maps(p)}
+    for name, method in checks.items():
+        found[name] = sanity.randomisation_check(explainer, method, part, t, options, window, stride)
+        found[name]["method"] = name
+        if progress:
+            progress.advance(task)
+    return found, None
 
 
-def format_evaluation(report: dict) -> str:
-    random = report["random"]
-    lines = [f"faithfulness of {report['bundle']} on {report['images']} of its {report['test_images']} test images "
-             f"(accuracy {report['accuracy']:.1%}): pixels removed to black / put back into black in "
-             f"{report['steps']} step{'' if report['steps'] == 1 else 's'}, tracking the probability of the predicted class; random order seed "
-             f"{report['seed']}", "",
-             f"{'method':<22} {'deletion AUC':>12} {'x random':>9} {'insertion AUC':>13} {'x random':>9} "
-             f"{'s/image':>8}  verdict",
-             f"{'random order':<22} {random['deletion_auc']:>12.3f} {1:>8.2f}x {random['insertion_auc']:>13.3f} "
-             f"{1:>8.2f}x {'':>8}  (the baseline)"]
-    for name, m in report["methods"].items():
-        title = TITLES[name] + (f" ({report['occlusion']['window']}/{report['occlusion']['stride']})"
-                                if name == "occlusion" else "")
-        ratios = [f"{r:>8.2f}x" if r is not None else f"{'n/a':>9}" for r in (m["deletion_ratio"], m["insertion_ratio"])]
-        lines.append(f"{title:<22} {m['deletion_auc']:>12.3f} {ratios[0]} {m['insertion_auc']:>13.3f} "
-                     f"{ratios[1]} {m['seconds_per_image']:>8.3f}  "
-                     f"{'beats random' if m['beats_random'] else m['verdict'].split(' (')[0]}")
-    lines.append("")
-    lines.append("deletion AUC: lower is more faithful; insertion AUC: higher. A method beats random when it is better "
-                 "on both curves, image by image (paired, 95%), by at least 5%.")
-    if report["best"]:
-        best = report["methods"][report["best"]]
-        lines.append(f"most faithful by deletion: {TITLES[report['best']]}, {best['deletion_ratio']:.2f}x random")
-    elif report["methods"]:
-        lines.append("no method beats random on deletion here")
-    if report["methods"] and random["deletion_auc"] > 0:
-        above = [f"{TITLES[name]} {m['deletion_above_floor_ratio']:.2f}x" for name, m in report["methods"].items()
-                 if m["deletion_above_floor_ratio"] is not None]
-        lines.append(f"every deletion curve ends at the all-black image's probability, {report['floor']:.3f} on "
-                     f"average ({report['floor'] / random['deletion_auc']:.2f}x random's AUC, whatever the order); "
-                     + (f"the area above it against random's: {', '.join(above)}" if above else
-                        "random's curve hardly rises above it, so no ratio above it is given"))
-    ig = report["methods"].get("ig")
-    if ig and "convergence_delta_median_abs" in ig:
-        lines.append(f"Integrated Gradients completeness: median |sum of map - (f(image) - f(black))| "
-                     f"{ig['convergence_delta_median_abs']:.4f} (largest {ig['convergence_delta_max_abs']:.4f}) for a "
-                     f"mean change of {ig['mean_abs_change_explained']:.3f}")
-    lines.extend(report["notes"])
-    return "\n".join(lines)
+def _reference_probability(predictor: Any, explainer: Any, pixels: np.ndarray, targets: np.ndarray,
+                           baseline: str) -> np.ndarray:
+    """Each image's target probability at IG's reference (black, its blur, the mean image)."""
+    if baseline == "black":
+        black = predictor.probabilities(np.zeros((1, *pixels.shape[1:]), np.uint8))[0]
+        return black[targets]
+    reference = explainer.reference_pixels(pixels, baseline)
+    return predictor.probabilities(reference)[np.arange(len(targets)), targets]

@@ -17,6 +17,8 @@ import numpy as np
 from tandem.errors import UserError
 from tandem.explain.methods import (METHODS, SCHEMA, TITLES, attribution_maps, occlusion_geometry, parse_target,
                                     torch_explainer)
+from tandem.explain.options import AttributionOptions
+from tandem.explain.render import legend
 from tandem.files import write_bytes_atomic
 
 
@@ -25,7 +27,7 @@ class ImageExplanations:
 
     def __init__(self, bundle: str, images: list[str], method: str, target: str | None = None,
                  out: str | Path = "explanations", force: bool = False, window: int | None = None,
-                 stride: int | None = None):
+                 stride: int | None = None, options: AttributionOptions | None = None):
         from tandem.images import expand_paths
         from tandem.runtime import Predictor
 
@@ -45,7 +47,17 @@ class ImageExplanations:
         self.kind = (method if self.target is None else
                      f"{method}.{re.sub(r'[^A-Za-z0-9_-]', '_', self.labels[self.target])}")
         check_out(self.out, list(self.names.values()), self.kind, force)
-        self.explainer = torch_explainer(self.bundle, self.predictor.manifest, [method])
+        self.options = options or AttributionOptions()
+        self.options.check([method])
+        self.explainer = torch_explainer(self.bundle, self.predictor.manifest, [method], self.options)
+        self.data_mean, self.settings = None, self.options.settings(method)
+        if self.options.baseline == "mean" and method != "gradcam":
+            from tandem.explain.baselines import data_mean_image
+
+            self.data_mean = data_mean_image(self.bundle, self.predictor.manifest)
+            self.settings = self.options.settings(method, "the training split's mean image" if self.data_mean is not None
+                                                  else "each image's own mean value (the training data is not "
+                                                       "reachable here)")
 
     def explain(self) -> Iterator[tuple[Path, dict | None, str | None]]:
         """(path, record without the map's values, None) per explained image, (path, None, error) per unreadable
@@ -66,11 +78,12 @@ class ImageExplanations:
             pixels = np.stack([pixels for _, pixels in good])
             probabilities = p.probabilities(pixels)
             targets = probabilities.argmax(1) if self.target is None else np.full(len(good), self.target)
-            maps, deltas = attribution_maps(self.method, p, pixels, targets, self.window, self.stride, self.explainer)
+            maps, deltas = attribution_maps(self.method, p, pixels, targets, self.window, self.stride, self.explainer,
+                                            options=self.options, data_mean=self.data_mean)
             for i, (path, _) in enumerate(good):
                 record = image_record(self.bundle, path, self.names[path], self.method, self.window, self.stride,
                                       self.labels, probabilities[i], int(targets[i]), maps[i],
-                                      None if deltas is None else float(deltas[i]), self.kind)
+                                      None if deltas is None else float(deltas[i]), self.kind, self.settings)
                 caption = _caption(self.labels, probabilities[i], int(targets[i]), self.method, self.window,
                                    self.stride)
                 write_bytes_atomic(out / record["files"]["picture"], overlay_png(pixels[i], maps[i], caption, scale))
@@ -145,19 +158,19 @@ def _caption(labels: list[str], probabilities: np.ndarray, target: int, method: 
     if target != best:
         line += f"; explaining {labels[target]} ({probabilities[target]:.1%})"
     how = TITLES[method] + (f" (window {window}, stride {stride})" if method == "occlusion" else "")
-    signs = f"red: for {labels[target]}" + ("" if method == "gradcam" else ", blue: against")
-    return f"{line}\n{how}; {signs}"
+    return f"{line}\n{how}; {legend(labels[target], signed=method != 'gradcam')}"
 
 
 def image_record(bundle: str, path: Path, name: str, method: str, window: int, stride: int, labels: list[str],
                  probabilities: np.ndarray, target: int, heatmap: np.ndarray, delta: float | None,
-                 kind: str | None = None) -> dict[str, Any]:
-    """The NAME.METHOD.json of one image (schema tandem.explain/1, kind image)."""
+                 kind: str | None = None, settings: dict | None = None) -> dict[str, Any]:
+    """The NAME.METHOD.json of one image (schema tandem.explain/1, kind image). settings: what the method used
+    (AttributionOptions.settings; default the defaults')."""
     kind = kind or method  # what the files are named by: the method, and the --target label where one was given
     order = np.argsort(-probabilities, kind="stable")[:5]
-    settings = ({"window": window, "stride": stride, "baseline": "black (raw 0)"} if method == "occlusion" else
-                {"n_steps": 50, "baseline": "black (raw 0)"} if method == "ig" else
-                {"layer": "last convolutional block", "upsampled": "bilinear"})
+    settings = dict(settings if settings is not None else AttributionOptions().settings(method))
+    if method == "occlusion":
+        settings = {"window": window, "stride": stride, **settings}
     record = {
         "schema": SCHEMA, "kind": "image", "image": str(path), "bundle": str(bundle), "model_file": "model.onnx",
         "method": method,
@@ -170,6 +183,7 @@ def image_record(bundle: str, path: Path, name: str, method: str, window: int, s
                 "min": float(heatmap.min()), "max": float(heatmap.max()),
                 "values": [[float(f"{v:.7g}") for v in row] for row in heatmap.tolist()]},
         "files": {"picture": f"{name}.{kind}.png", "map": f"{name}.{kind}.npy", "json": f"{name}.{kind}.json"},
+        "legend": legend(labels[target], signed=method != "gradcam"),
     }
     if delta is not None:
         record["convergence_delta"] = delta  # sum of the map - (f(image) - f(black)); near 0 when IG converged

@@ -141,11 +141,12 @@ def random_order(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def curves(probabilities: ProbabilityFunction, pixels: np.ndarray, order: np.ndarray, targets: np.ndarray | None = None,
-           steps: int = DEFAULT_STEPS, batch: int = 4096) -> Curves:
+           steps: int = DEFAULT_STEPS, batch: int = 4096, fill: np.ndarray | None = None) -> Curves:
     """Deletion and insertion curves of uint8 images (N, H, W, C) for pixel orders (N, H*W).
 
     targets: the class to track per image (default: the class predicted for the untouched image). `batch` bounds
-    the images handed to `probabilities` at once."""
+    the images handed to `probabilities` at once. fill: uint8 (N, H, W, C), what a removed pixel becomes and what
+    insertion starts from (tandem.explain.baselines.fill_images); default black (raw 0)."""
     pixels = np.asarray(pixels)
     if pixels.ndim != 4 or pixels.dtype != np.uint8:
         raise ValueError(f"pixels are uint8 (N, H, W, C), got {pixels.dtype} {pixels.shape}")
@@ -158,6 +159,8 @@ def curves(probabilities: ProbabilityFunction, pixels: np.ndarray, order: np.nda
     if targets is None:
         targets = np.concatenate([probabilities(pixels[i:i + batch]).argmax(1) for i in range(0, n, batch)])
     targets = np.asarray(targets)
+    if fill is not None and np.shape(fill) != pixels.shape:
+        raise ValueError(f"the fill is {pixels.shape} like the images, got {np.shape(fill)}")
     counts = np.rint(np.linspace(0, area, steps + 1)).astype(np.int64)  # pixels removed (or put back) at each step
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(area)[None, :], axis=-1)  # rank[i, p]: when pixel p goes
@@ -169,16 +172,22 @@ def curves(probabilities: ProbabilityFunction, pixels: np.ndarray, order: np.nda
         m = part.stop - part.start
         gone = rank[part, None, :] < counts[None, :, None]                     # (m, steps + 1, H*W)
         flat = pixels[part].reshape(m, 1, area, channels)
-        variants = np.concatenate([flat * ~gone[..., None], flat * gone[..., None]], axis=1)
+        gone = gone[..., None]
+        if fill is None:  # black: a product is the cheapest select
+            variants = np.concatenate([flat * ~gone, flat * gone], axis=1)
+        else:
+            other = np.asarray(fill[part], np.uint8).reshape(m, 1, area, channels)
+            variants = np.concatenate([np.where(gone, other, flat), np.where(gone, flat, other)], axis=1)
         probs = probabilities(variants.reshape(-1, height, width, channels)).reshape(m, 2, steps + 1, -1)
         tracked = np.take_along_axis(probs, targets[part, None, None, None], axis=-1)[..., 0]
         deletion[part], insertion[part] = tracked[:, 0], tracked[:, 1]
     return Curves(counts / area, deletion, insertion, targets)
 
 
-def _versus_random(method: np.ndarray, random: np.ndarray, lower_is_better: bool) -> str:
-    """Paired per image: "better" / "worse" when the mean difference is beyond 1.96 standard errors and at least
-    5% of random's mean AUC (a model that hardly reacts to pixels makes tiny differences significant), else
+def versus(method: np.ndarray, random: np.ndarray, lower_is_better: bool) -> str:
+    """Paired per image, the method's AUCs against a reference's (random, or any baseline): "better" / "worse" when
+    the mean difference is beyond 1.96 standard errors (Student's t below 31 images) and at least 5% of the
+    reference's mean AUC (a model that hardly reacts to pixels makes tiny differences significant), else
     "no different"."""
     difference = method - random if lower_is_better else random - method  # below zero: the method is better
     if len(difference) < 2:
@@ -217,8 +226,8 @@ def score(method: Curves, random: Curves) -> MethodScore:
               "deletion_ratio": float(d.mean() / rd.mean()) if rd.mean() > 0 else None,
               "insertion_ratio": float(i.mean() / ri.mean()) if ri.mean() > 0 else None,
               "deletion_above_floor_ratio": (float(d.mean()) - floor) / above if above > _MARGIN * rd.mean() else None,
-              "deletion_vs_random": _versus_random(d, rd, lower_is_better=True),
-              "insertion_vs_random": _versus_random(i, ri, lower_is_better=False)}
+              "deletion_vs_random": versus(d, rd, lower_is_better=True),
+              "insertion_vs_random": versus(i, ri, lower_is_better=False)}
     return MethodScore(**values, verdict=_verdict(values))
 
 

@@ -82,28 +82,35 @@ def parse_target(text: str | None, labels: list[str]) -> int | None:
 
 
 def attribution_maps(method: str, predictor: Any, pixels: np.ndarray, targets: np.ndarray, window: int = 4,
-                     stride: int = 2, explainer: Any = None,
-                     progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                     stride: int = 2, explainer: Any = None, progress: Callable[[int], None] | None = None,
+                     options: Any = None, data_mean: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(maps float32 (N, H, W), IG's convergence deltas (N,) or None) of uint8 images for the target classes.
 
-    occlusion runs in the runtime (`predictor`); ig and gradcam on `explainer` (a TorchExplainer)."""
+    occlusion runs in the runtime (`predictor`); ig and gradcam on `explainer` (a TorchExplainer). options: a
+    tandem.explain.options.AttributionOptions (default: black, 50 steps, no smoothing, the last conv block);
+    data_mean: the training split's mean image, occlusion's --baseline mean where the data is reachable."""
     if method == "occlusion":
         import numpy as np
 
+        from tandem.explain.baselines import fill_images
         from tandem.explain.occlusion import occlusion
 
+        baseline = getattr(options, "baseline", "black")
+        fills = None if baseline == "black" else fill_images(baseline, pixels, data_mean)
         maps = []
-        for image, target in zip(pixels, targets):
-            maps.append(occlusion(predictor, image, int(target), window, stride).heatmap)
+        for i, (image, target) in enumerate(zip(pixels, targets)):
+            maps.append(occlusion(predictor, image, int(target), window, stride,
+                                  None if fills is None else fills[i]).heatmap)
             if progress:
                 progress(1)
         return np.stack(maps), None
-    result = explainer.attribute(method, pixels, targets, progress=progress)
+    result = explainer.attribute(method, pixels, targets, progress=progress, options=options)
     return result.maps, result.convergence_delta
 
 
-def torch_explainer(bundle: str, manifest: dict, methods: list[str]) -> Any:
-    """A TorchExplainer where a method needs one (each method checked before any work), else None."""
+def torch_explainer(bundle: str, manifest: dict, methods: list[str], options: Any = None) -> Any:
+    """A TorchExplainer where a method needs one (each method checked before any work, --layer included), else
+    None."""
     if not any(method in TORCH_METHODS for method in methods):
         return None
     from tandem.explain.attribute import TorchExplainer
@@ -111,5 +118,5 @@ def torch_explainer(bundle: str, manifest: dict, methods: list[str]) -> Any:
     explainer = TorchExplainer(bundle, manifest)
     for method in methods:
         if method in TORCH_METHODS:
-            explainer.check(method)  # Grad-CAM on a model without convolutions: refused before any work
+            explainer.check(method, options)  # Grad-CAM without convolutions, an unknown --layer: refused now
     return explainer

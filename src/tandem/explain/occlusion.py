@@ -116,11 +116,13 @@ def check_window(height: int, width: int, window: int, stride: int) -> int:
 
 
 def occlusion(predictor: Any, pixels: np.ndarray, target: int | None = None, window: int = 4,
-              stride: int = 2) -> OcclusionMap:
+              stride: int = 2, fill: np.ndarray | None = None) -> OcclusionMap:
     """Explain one image, uint8 (H, W, C) at the bundle's size (`predictor.pixels(x)[0]`), by occlusion.
 
     predictor: a tandem.runtime.Predictor (its ONNX Runtime session, preprocessing and labels are used).
     target: the class index to explain (default: the class the model predicts for the image).
+    fill: uint8 (H, W, C), what the window shows instead of the image (tandem.explain.baselines.fill_images: a
+    blurred or mean image); default black.
     """
     pixels = np.asarray(pixels)
     shape = (predictor.image_size, predictor.image_size, predictor.channels)
@@ -136,7 +138,12 @@ def occlusion(predictor: Any, pixels: np.ndarray, target: int | None = None, win
     # Row 0 is the image itself; row 1 + k has window k black. Black before preprocessing, as a photo would be.
     batch = np.empty((len(masks) + 1, *shape), np.uint8)
     batch[0] = pixels
-    np.multiply(pixels, ~masks[..., None], out=batch[1:], casting="unsafe")
+    if fill is None:
+        np.multiply(pixels, ~masks[..., None], out=batch[1:], casting="unsafe")
+    else:
+        if np.shape(fill) != shape:
+            raise UserError(f"occlusion's fill is one image of shape {shape}; got {np.shape(fill)}")
+        batch[1:] = np.where(masks[..., None], np.asarray(fill, np.uint8), pixels)
     probabilities = _probabilities(predictor, batch)
     if target is None:
         target = int(np.argmax(probabilities[0]))

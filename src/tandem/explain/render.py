@@ -3,22 +3,59 @@
     png = overlay_png(pixels, heatmap, "zebra 97.3% (integrated gradients)")   # image | image + map, caption
     png = heatmap_png(heatmap)          # RGBA, transparent where the map is ~0: to lay over the image in a page
 
-Red marks pixels that raise the explained class's probability, blue those that lower it; the stronger, the more
-opaque. Maps are scaled by a robust maximum (the value above which the top 2% of the map's absolute mass lies,
+Pixels that raise the explained class's probability are drawn from red (weak) through orange to yellow (strong),
+those that lower it from blue (weak) to cyan (strong); the stronger, the more opaque. `legend()` says so in the
+colours' names, taken from the ramps themselves (`colour_name`), so the words cannot drift from what is drawn. Maps are scaled by a robust maximum (the value above which the top 2% of the map's absolute mass lies,
 as Captum's visualisation does), so one extreme pixel does not wash out the rest.
 """
 
 from __future__ import annotations
 
+import colorsys
 import io
 
 import numpy as np
 
-_POSITIVE = np.array([(200, 20, 0), (255, 220, 0)], np.float32)   # weak -> strong: red to yellow
-_NEGATIVE = np.array([(0, 70, 220), (0, 220, 255)], np.float32)   # weak -> strong: blue to cyan
+POSITIVE_RAMP = np.array([(200, 20, 0), (255, 220, 0)], np.float32)   # weak -> strong: red, orange, yellow
+NEGATIVE_RAMP = np.array([(0, 70, 220), (0, 220, 255)], np.float32)   # weak -> strong: blue to cyan
+# Hue bands (degrees, upper bounds) of the colour words the legend may use.
+_HUES = ((15, "red"), (40, "orange"), (70, "yellow"), (170, "green"), (200, "cyan"), (260, "blue"), (330, "purple"),
+         (360, "red"))
 _OPACITY = 0.9   # at full strength: the image stays visible under the map
 _DIM = 0.5       # the image under the map is darkened, so the colours stand out against grey animals
 _OUTLIER_MASS = 0.02
+
+
+def ramp_colour(ramp: np.ndarray, strength: float) -> np.ndarray:
+    """The RGB colour (floats 0..255) a ramp draws at a strength in 0..1, as the overlay computes it."""
+    return ramp[0] + float(strength) * (ramp[1] - ramp[0])
+
+
+def colour_name(rgb) -> str:
+    """A plain name for an RGB colour (0..255) by its hue: red, orange, yellow, green, cyan, blue or purple."""
+    r, g, b = (float(v) / 255 for v in rgb)
+    hue = colorsys.rgb_to_hsv(r, g, b)[0] * 360
+    return next(name for bound, name in _HUES if hue < bound)
+
+
+def ramp_names(ramp: np.ndarray) -> list[str]:
+    """The colours a ramp passes through, weak to strong (at strengths 0, 0.5 and 1), each named once."""
+    names: list[str] = []
+    for strength in (0.0, 0.5, 1.0):
+        name = colour_name(ramp_colour(ramp, strength))
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def legend(label: str, signed: bool = True) -> str:
+    """What the colours mean, named as drawn: "red to orange to yellow (weak to strong): for zebra; blue to cyan:
+    against". signed=False (Grad-CAM, which keeps only what speaks for the class): the first half alone."""
+    positive = " to ".join(ramp_names(POSITIVE_RAMP))
+    text = f"{positive} (weak to strong): for {label}"
+    if signed:
+        text += f"; {' to '.join(ramp_names(NEGATIVE_RAMP))}: against"
+    return text
 
 
 def robust_scale(heatmap: np.ndarray) -> float:
@@ -43,8 +80,8 @@ def _colours(heatmap: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:
     big = np.asarray(Image.fromarray(heatmap / robust_scale(heatmap)).resize((width * scale, height * scale),
                                                                               Image.Resampling.BILINEAR))
     strength = np.clip(np.abs(big), 0, 1)[..., None]
-    ramp = np.where(big[..., None] >= 0, _POSITIVE[0] + strength * (_POSITIVE[1] - _POSITIVE[0]),
-                    _NEGATIVE[0] + strength * (_NEGATIVE[1] - _NEGATIVE[0]))
+    ramp = np.where(big[..., None] >= 0, ramp_colour(POSITIVE_RAMP, 0) + strength * (POSITIVE_RAMP[1] - POSITIVE_RAMP[0]),
+                    ramp_colour(NEGATIVE_RAMP, 0) + strength * (NEGATIVE_RAMP[1] - NEGATIVE_RAMP[0]))
     return ramp, _OPACITY * strength[..., 0] ** 0.75  # weak values still show, faintly
 
 
