@@ -46,10 +46,10 @@ class ImageExplanations:
         # An explanation of another class than the predicted one (--target) gets its own files: NAME.METHOD.LABEL.*
         self.kind = (method if self.target is None else
                      f"{method}.{re.sub(r'[^A-Za-z0-9_-]', '_', self.labels[self.target])}")
-        check_out(self.out, list(self.names.values()), self.kind, force)
         self.options = options or AttributionOptions()
         self.options.check([method])
         self.explainer = torch_explainer(self.bundle, self.predictor.manifest, [method], self.options)
+        check_out(self.out, list(self.names.values()), self.kind, force)
         self.data_mean, self.settings = None, self.options.settings(method)
         if self.options.baseline == "mean" and method != "gradcam":
             from tandem.explain.baselines import data_mean_image

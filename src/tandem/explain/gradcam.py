@@ -47,12 +47,14 @@ def feature_map_layers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[s
     """{name: "Conv2d 32x7x7"} of every named module whose output is a feature map (N, C, h, w): the layers Grad-CAM
     can weigh, in the model's order."""
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if name:
-            hooks.append(module.register_forward_hook(
-                lambda _m, _i, out, name=name: shapes.setdefault(name, tuple(out.shape))
-                if isinstance(out, torch.Tensor) else None))
+
+    def keep(name: str):
+        def hook(_module, _inputs, out) -> None:  # returns None: a forward hook's value would replace the output
+            if isinstance(out, torch.Tensor):
+                shapes.setdefault(name, tuple(out.shape))
+        return hook
+
+    hooks = [module.register_forward_hook(keep(name)) for name, module in model.named_modules() if name]
     try:
         with torch.no_grad():
             model(torch.zeros((1, *input_shape)))
@@ -85,7 +87,11 @@ def reach_mask(model: nn.Module, layer: nn.Module, input_shape: tuple[int, ...],
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn((REACH_INPUTS, *input_shape), generator=generator)
     kept: list[torch.Tensor] = []
-    hook = layer.register_forward_hook(lambda _m, _i, out: kept.append(out) or out.retain_grad())
+    def hook_fn(_module, _inputs, out) -> None:
+        kept.append(out)
+        out.retain_grad()
+
+    hook = layer.register_forward_hook(hook_fn)
     was_training = model.training
     model.eval()
     try:
@@ -103,10 +109,11 @@ def reach_mask(model: nn.Module, layer: nn.Module, input_shape: tuple[int, ...],
 
 
 def grad_cam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, layer: nn.Module,
-             reach: torch.Tensor | None = None, smooth: int = 0, noise: float = 0.0) -> torch.Tensor:
+             reach: torch.Tensor | None = None, smooth: int = 0, noise: float = 0.0,
+             upsample: bool = True) -> torch.Tensor:
     """(N, H, W) Grad-CAM of the target classes' softmax probabilities on `layer`, zero on unreached cells, then
-    upsampled bilinearly to the input. smooth > 0: the mean over that many noisy copies (NoiseTunnel, sigma
-    `noise` in input units)."""
+    upsampled bilinearly to the input (upsample=False: (N, h, w), the layer's own cells). smooth > 0: the mean
+    over that many noisy copies (NoiseTunnel, sigma `noise` in input units)."""
     from captum.attr import LayerAttribution, LayerGradCam, NoiseTunnel
 
     method = LayerGradCam(probability_model(model), layer)
@@ -117,4 +124,6 @@ def grad_cam(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, laye
         cam = method.attribute(inputs, target=targets, relu_attributions=True)
     if reach is not None:
         cam = cam * reach.to(cam.dtype)
+    if not upsample:
+        return cam[:, 0]
     return LayerAttribution.interpolate(cam, tuple(inputs.shape[2:]), interpolate_mode="bilinear")[:, 0]
