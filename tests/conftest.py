@@ -41,12 +41,14 @@ def small_npz(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, small_npz):
-    """A run trained for a few steps in this process (the accuracy does not matter)."""
+    """A run trained for a few steps in this process (the accuracy does not matter, but its answers must depend on
+    the image: after 2 epochs the batch-norm statistics of the cnn had not settled and every image was "horse" at
+    probability 1.0)."""
     from tandem.config import TrainConfig
     from tandem.train.loop import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig.model_validate({"data": {"source": str(small_npz)}, "model": {"width": 8}, "epochs": 2,
+    cfg = TrainConfig.model_validate({"data": {"source": str(small_npz)}, "model": {"width": 8}, "epochs": 3,
                                       "batch_size": 64, "out_dir": str(out), "progress": False})
     return train(cfg, log=lambda *a, **k: None)
 

@@ -29,19 +29,29 @@ def mlp(in_channels: int, image_size: int, num_classes: int, width: int = 16, dr
     )
 
 
-def cnn(in_channels: int, image_size: int, num_classes: int, width: int = 16, dropout: float = 0.0) -> nn.Module:
+def cnn(in_channels: int, image_size: int, num_classes: int, width: int = 16, dropout: float = 0.0,
+        ceil: bool = True) -> nn.Module:
     """Small batch-norm CNN: one cheap conv at full resolution, two at 1/2 and two at 1/4, then a linear
-    head on the 1/8 grid (keeps where the parts of a silhouette are, which global pooling would lose)."""
+    head on the 1/8 grid (keeps where the parts of a silhouette are, which global pooling would lose).
+
+    The pools round up (`ceil_mode`), so every pixel reaches the head: on 28 x 28 images the last pool maps
+    7 x 7 to 4 x 4. Bundles trained before this (`ceil=False`, see `build_model`) map it to 3 x 3 and never
+    see the last row and column of the 7 x 7 map, a 4-pixel strip on the right and bottom of every image."""
     w = width
-    grid = image_size // 8
+    grid = cnn_grid(image_size, ceil)
     if grid < 1:
         raise ValueError(f"cnn needs images of at least 8 pixels, got {image_size}")
     return nn.Sequential(
-        *conv_bn_relu(in_channels, w), nn.MaxPool2d(2),
-        *conv_bn_relu(w, 2 * w), *conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2),
-        *conv_bn_relu(2 * w, 4 * w), *conv_bn_relu(4 * w, 4 * w), nn.MaxPool2d(2),
+        *conv_bn_relu(in_channels, w), nn.MaxPool2d(2, ceil_mode=ceil),
+        *conv_bn_relu(w, 2 * w), *conv_bn_relu(2 * w, 2 * w), nn.MaxPool2d(2, ceil_mode=ceil),
+        *conv_bn_relu(2 * w, 4 * w), *conv_bn_relu(4 * w, 4 * w), nn.MaxPool2d(2, ceil_mode=ceil),
         nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w * grid * grid, num_classes),
     )
+
+
+def cnn_grid(image_size: int, ceil: bool = True) -> int:
+    """The side of the cnn's last feature map: three halvings, rounded up (today) or down (earlier bundles)."""
+    return -(-image_size // 8) if ceil and image_size >= 8 else image_size // 8
 
 
 def cnn_fpga(in_channels: int, image_size: int, num_classes: int, width: int = 16, dropout: float = 0.0) -> nn.Module:
@@ -146,8 +156,21 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def build_model(cfg, num_classes: int, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """The run's model (its config: name, channels, size, width, dropout) with these weights, in eval mode."""
-    model = create_model(cfg.model.name, cfg.data.channels, cfg.data.image_size, num_classes,
-                         cfg.model.width, cfg.model.dropout)
+    """The run's model (its config: name, channels, size, width, dropout) with these weights, in eval mode.
+
+    A cnn whose head reads the smaller grid of earlier bundles (pools that rounded down) is built that way, so
+    a bundle keeps working as it was trained."""
+    name, size, width = cfg.model.name, cfg.data.image_size, cfg.model.width
+    if name == "cnn" and floor_pooled(weights, size, width):
+        model = cnn(cfg.data.channels, size, num_classes, width, cfg.model.dropout, ceil=False)
+    else:
+        model = create_model(name, cfg.data.channels, size, num_classes, width, cfg.model.dropout)
     model.load_state_dict(weights)
     return model.eval()
+
+
+def floor_pooled(weights: dict[str, torch.Tensor], image_size: int, width: int) -> bool:
+    """Whether these cnn weights come from the earlier cnn whose pools rounded down (a smaller head)."""
+    floor, ceil = cnn_grid(image_size, ceil=False), cnn_grid(image_size)
+    heads = [t for key, t in weights.items() if key.endswith(".weight") and t.dim() == 2]
+    return floor != ceil and bool(heads) and heads[-1].shape[1] == 4 * width * floor * floor

@@ -13,6 +13,7 @@ from tandem.config import TrainConfig, dump_config
 from tandem.errors import UserError
 from tandem.files import write_text_atomic
 from tandem.train import checkpoint as ckpt
+from tandem.train.models import floor_pooled
 from tandem.train.optim import set_capturable
 from tandem.train.runs import link_latest, mark_job
 from tandem.train.state import LoopState, Run, no_examples
@@ -77,6 +78,11 @@ def _read_newest(run: Run) -> tuple[LoopState, torch.Tensor | None]:
         if found.state.get("data_fingerprint") not in (None, run.fingerprint):
             raise UserError(f"--resume {run_dir}: the training images differ from the ones this run was trained on "
                             "(files added, removed or changed); resuming would mix two data sets: start a new run")
+        cfg = run.cfg
+        if cfg.model.name == "cnn" and floor_pooled(found.model, cfg.data.image_size, cfg.model.width):
+            raise UserError(f"--resume {run_dir}: the run was trained with the earlier cnn, whose pools dropped the "
+                            "last row and column of the feature map; it can still be exported and explained, but "
+                            "not trained further by this version: start a new run")
         saved = found.state.get("parallel", {"strategy": "single", "processes": 1})
         if saved["processes"] != layout["processes"] or (layout["processes"] > 1 and saved != layout):
             def how(lay: dict) -> str:
