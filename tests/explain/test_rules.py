@@ -1,5 +1,5 @@
-"""Rules extracted from the network (`tandem rules`): fidelity against hand-counted references on a network
-whose decision is a planted threshold, the torch-free rule path against scikit-learn's own tree walk, rules.json
+"""Rules extracted from the network (`tandem rules`): fidelity on a network whose decision is a planted threshold
+on one region of a spatial layer, the torch-free rule path against scikit-learn's own tree walk, rules.json
 hashed like every file, and the command as a user meets it."""
 
 from __future__ import annotations
@@ -17,26 +17,29 @@ import pytest
 from helpers import run_tandem
 from tandem.bundle import read_manifest, sha256_file, write_manifest
 from tandem.errors import UserError
-from tandem.explain.rules import RULES_FILE, RuleSet, feature_session, find_readout, tree_paths
+from tandem.explain.rules import RULES_FILE, RuleSet
+from tandem.explain.rules_tree import tree_paths
 
 QUIET = {"log": lambda *a, **k: None}
 
 
 # --- a network with a known rule --------------------------------------------------------------------------
 
+SHIFT = 10.0  # added before the ReLU, so the background is not cut to 0 and every corner has its own mean
 
-def _halves(pixels: np.ndarray, pre: dict) -> np.ndarray:
-    """What the planted network computes, in numpy: 1 + the mean of the left and of the right half of the
-    preprocessed image (float64, independent of ONNX Runtime)."""
+
+def _corner(pixels: np.ndarray, pre: dict) -> np.ndarray:
+    """What the planted network's top-left cell holds, in numpy: SHIFT + the mean of the preprocessed image's
+    top-left (size/4)^2 block (float64, independent of ONNX Runtime)."""
     x = (pixels[..., 0].astype(np.float64) / 255 - pre["mean"]) / pre["std"]
-    half = x.shape[2] // 2
-    return np.stack([x[:, :, :half].mean(axis=(1, 2)), x[:, :, half:].mean(axis=(1, 2))], axis=1) + 1
+    k = x.shape[1] // 4
+    return x[:, :k, :k].mean(axis=(1, 2)) + SHIFT
 
 
 @pytest.fixture(scope="module")
 def planted(tiny_bundle, tmp_path_factory):
-    """A bundle on the tiny bundle's data whose network says 'bright' exactly when the left half of the image is
-    brighter than a threshold t: penultimate layer f = (left, right) half means + 1, logits = (t - f0, f0 - t)."""
+    """A bundle on the tiny bundle's data whose network says 'bright' exactly when the top-left cell of its 4 x 4
+    spatial layer (ReLU(x + SHIFT), average-pooled) is above a threshold t: logits = (t - cell, cell - t)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -45,22 +48,19 @@ def planted(tiny_bundle, tmp_path_factory):
     manifest = read_manifest(tiny_bundle)
     pre, size = manifest["preprocessing"], manifest["preprocessing"]["image_size"]
     splits = bundle_splits(tiny_bundle, manifest)
-    left = {name: _halves(split_pixels(getattr(splits, name))[0], pre)[:, 0] for name in ("train", "test")}
-    ordered = np.sort(left["train"])
+    corner = {name: _corner(split_pixels(getattr(splits, name))[0], pre) for name in ("train", "test")}
+    ordered = np.unique(corner["train"])
     middle = len(ordered) // 2
-    gaps = np.diff(ordered[middle - 40:middle + 40])
-    t = float(ordered[middle - 40 + gaps.argmax()] + gaps.max() / 2)  # mid-gap: no image near the threshold
-    assert np.abs(left["test"] - t).min() > 1e-4
-
-    cols = np.arange(size * size) % size
-    halves = np.zeros((size * size, 2), np.float32)
-    halves[cols < size // 2, 0] = 1 / (size * (size // 2))
-    halves[cols >= size // 2, 1] = 1 / (size * (size - size // 2))
-    weights = {"halves": halves, "one": np.ones(2, np.float32), "w": np.array([[-1, 1], [0, 0]], np.float32),
-               "b": np.array([t, -t], np.float32)}
-    nodes = [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "halves"], ["m"]),
-             helper.make_node("Add", ["m", "one"], ["features"]),
-             helper.make_node("Gemm", ["features", "w", "b"], ["logits"])]
+    gaps = np.diff(ordered[middle - 20:middle + 20])
+    t = float(ordered[middle - 20 + gaps.argmax()] + gaps.max() / 2)  # mid-gap: no image near the threshold
+    assert np.abs(corner["test"] - t).min() > 1e-5
+    k = size // 4
+    pick = np.zeros((16, 2), np.float32)
+    pick[0] = [-1, 1]  # the top-left cell of the flattened 4 x 4 grid
+    weights = {"shift": np.array(SHIFT, np.float32), "pick": pick, "b": np.array([t, -t], np.float32)}
+    nodes = [helper.make_node("Add", ["input", "shift"], ["shifted"]), helper.make_node("Relu", ["shifted"], ["r"]),
+             helper.make_node("AveragePool", ["r"], ["cells"], kernel_shape=[k, k], strides=[k, k]),
+             helper.make_node("Flatten", ["cells"], ["flat"]), helper.make_node("Gemm", ["flat", "pick", "b"], ["logits"])]
     graph = helper.make_graph(nodes, "planted", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
                                                                               ["N", 1, size, size])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])],
@@ -76,7 +76,8 @@ def planted(tiny_bundle, tmp_path_factory):
     return folder, t, splits
 
 
-def test_the_tree_recovers_a_planted_threshold_with_fidelity_one(planted, tmp_path):
+def test_the_tree_recovers_a_planted_region_threshold_with_fidelity_one(planted, tmp_path):
+    from tandem.explain.concepts import feature_of
     from tandem.explain.data import split_pixels
     from tandem.explain.fit_rules import fit_rules
 
@@ -85,58 +86,42 @@ def test_the_tree_recovers_a_planted_threshold_with_fidelity_one(planted, tmp_pa
     shutil.copytree(folder, bundle)
     report = fit_rules(bundle, max_leaves=8, concepts=1, **QUIET)
     pixels, truth = split_pixels(splits.test)
-    network = (_halves(pixels, read_manifest(bundle)["preprocessing"])[:, 0] > t).astype(int)
+    network = (_corner(pixels, read_manifest(bundle)["preprocessing"]) > t).astype(int)
     assert 0 < network.sum() < len(network)
+    assert report["feature_tensor"] == "cells" and report["feature_shape"] == [1, 4, 4]
     tree = report["tree"]
-    # One test, on the one concept, at the planted threshold: the concept's score is f0 / scale.
-    assert report["leaves"] == 2 and report["depth"] == 1 and tree["feature"][0] == 0
-    rules = json.loads((bundle / RULES_FILE).read_text())
-    direction = np.asarray(rules["scores"]["directions"], np.float32).astype(np.float64)[0]
-    assert direction[1] == 0 and tree["threshold"][0] == pytest.approx(t * direction[0], rel=0.01)
+    # One test, on the one concept at the top-left, at the planted threshold (the score is the cell / its scale).
+    assert report["leaves"] == 2 and report["depth"] == 1 and feature_of(tree["feature"][0]) == (0, "top-left")
+    stored = json.loads((bundle / RULES_FILE).read_text())
+    component = stored["concepts_fit"]["components"][0][0]
+    scale = stored["concepts_fit"]["scale"][tree["feature"][0]]
+    assert tree["threshold"][0] * scale / component == pytest.approx(t, rel=1e-3)
     assert [tree["class"][tree["left"][0]], tree["class"][tree["right"][0]]] == [0, 1]
-    assert report["fidelity"] == 1.0
+    assert report["fidelity"] == 1.0 and report["contradictory"] == 0
     assert report["accuracy"] == pytest.approx(np.mean(network == truth), abs=1e-12)
-    assert report["network_accuracy"] == report["accuracy"]
-    # The torch-free runtime walks the stored rules to the same answers, and names the condition.
+    # The torch-free runtime walks the stored rules to the same answers, and names the condition and where.
     why = RuleSet.load(bundle).explain(pixels)
     assert [w["index"] for w in why] == network.tolist() and all(w["agrees"] for w in why)
     bright = why[int(network.argmax())]
-    assert bright["label"] == "bright" and bright["conditions"][0]["op"] == ">" and "is high" in bright["text"]
-
-
-def test_fidelity_counts_the_disagreements_by_hand(planted, tmp_path):
-    """Concepts of the whole activation mix both halves, so one split cannot follow the network exactly: the
-    reported fidelity and accuracy equal the counts made here from the stored direction and threshold."""
-    from tandem.explain.data import split_pixels
-    from tandem.explain.fit_rules import fit_rules
-
-    folder, t, splits = planted
-    bundle = tmp_path / "b"
-    shutil.copytree(folder, bundle)
-    report = fit_rules(bundle, max_leaves=2, concepts=1, space="all", **QUIET)
-    stored = json.loads((bundle / RULES_FILE).read_text())
-    direction = np.asarray(stored["scores"]["directions"], np.float32).astype(np.float64)[0]
-    assert direction.min() > 0  # both halves
-    pixels, truth = split_pixels(splits.test)
-    f = _halves(pixels, read_manifest(bundle)["preprocessing"])
-    network = (f[:, 0] > t).astype(int)
-    tree = stored["tree"]
-    high = (f @ direction).astype(np.float32) > tree["threshold"][0]
-    rules = np.where(high, tree["class"][tree["right"][0]], tree["class"][tree["left"][0]])
-    disagreements = int((rules != network).sum())
-    assert 0 < disagreements < len(network) // 2
-    assert report["fidelity"] == pytest.approx(1 - disagreements / len(network), abs=1e-12)
-    assert report["accuracy"] == pytest.approx(np.mean(rules == truth), abs=1e-12)
-    assert stored["metrics"]["fidelity"] == report["fidelity"]
+    (condition,) = bright["conditions"]
+    assert bright["label"] == "bright" and condition["op"] == ">" and condition["place"] == "top-left"
+    assert "at the top-left is strong" in bright["text"]
+    assert np.asarray(condition["where"]).shape == (4, 4)
 
 
 # --- the runtime's rule path against scikit-learn ---------------------------------------------------------
 
 
+def _as_json(clf) -> dict:
+    """A scikit-learn tree in rules.json's layout, node numbers kept (children come after parents there too)."""
+    t = clf.tree_
+    return {"left": t.children_left.tolist(), "right": t.children_right.tolist(),
+            "feature": [int(f) if f >= 0 else -1 for f in t.feature], "threshold": t.threshold.tolist(),
+            "class": [int(clf.classes_[v.argmax()]) for v in t.value[:, 0, :]]}
+
+
 def test_the_rule_path_is_scikit_learns_decision_path():
     from sklearn.tree import DecisionTreeClassifier
-
-    from tandem.explain.fit_rules import _tree_json
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(600, 5))
@@ -150,11 +135,10 @@ def test_the_rule_path_is_scikit_learns_decision_path():
             t32 = np.float32(threshold)
             edge[3 * i:3 * i + 3, feature] = [threshold, np.nextafter(t32, np.float32(-9)), np.nextafter(t32, 9)]
         probe = np.vstack([x, edge, rng.normal(size=(200, 5))])
-        tree = _tree_json(clf, probe, clf.predict(probe))
+        tree = _as_json(clf)
         paths = tree_paths(probe, tree)
         assert [tree["class"][p[-1]] for p in paths] == clf.predict(probe).tolist()
-        # Node for node: the same tests, the same way, as far as the stored tree goes (it drops tests whose both
-        # sides give one class, so its path may stop early).
+        # Node for node: the same tests, the same way.
         sk = clf.decision_path(probe)
         for row, path in enumerate(paths):
             nodes = sk.indices[sk.indptr[row]:sk.indptr[row + 1]]
@@ -162,46 +146,33 @@ def test_the_rule_path_is_scikit_learns_decision_path():
                       for a, b in zip(nodes, nodes[1:])]
             ours = [(tree["feature"][a], tree["threshold"][a], int(b == tree["right"][a]))
                     for a, b in zip(path, path[1:])]
-            assert ours == theirs[:len(ours)]
+            assert ours == theirs
         assert max(len(p) for p in paths) > 2
 
 
-def test_find_readout_reads_the_last_layer_of_any_head():
-    """Gemm with transB and alpha, MatMul + bias, a softmax after: the penultimate tensor and its weights give
-    back the graph's own logits."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+def test_the_concept_layer_is_a_spatial_activation_and_a_wrong_one_is_named():
+    from onnx import TensorProto, helper
 
-    rng = np.random.default_rng(1)
-    w1 = rng.normal(size=(12, 6)).astype(np.float32)
-    w2 = rng.normal(size=(6, 4)).astype(np.float32)
-    bias = rng.normal(size=4).astype(np.float32)
-    heads = {
-        "gemm": ([helper.make_node("Gemm", ["h", "w2t", "b"], ["out"], transB=1, alpha=2.0)], 2.0),
-        "matmul": ([helper.make_node("MatMul", ["h", "w2"], ["z"]), helper.make_node("Add", ["z", "b"], ["out"])], 1.0),
-        "softmax": ([helper.make_node("Gemm", ["h", "w2", "b"], ["z"]),
-                     helper.make_node("Softmax", ["z"], ["out"], axis=1)], 1.0),
-    }
-    x = rng.normal(size=(7, 12)).astype(np.float32)
-    for name, (head, alpha) in heads.items():
-        nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["h"]), *head]
-        inits = [numpy_helper.from_array(v, k) for k, v in {"w1": w1, "w2": w2, "w2t": w2.T.copy(), "b": bias}.items()]
-        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
-                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])], inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        readout = find_readout(model)
-        assert readout.tensor == "h", name
-        np.testing.assert_allclose(readout.weight, alpha * w2, rtol=1e-6)
-        out, h = feature_session(model.SerializeToString(), readout.tensor, ort.SessionOptions()).run(None, {"x": x})
-        logits = h @ readout.weight + bias
-        expected = np.exp(logits) / np.exp(logits).sum(1, keepdims=True) if name == "softmax" else logits
-        np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
-    conv_last = helper.make_graph([helper.make_node("Relu", ["x"], ["out"])], "no-head",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
-                                  [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 12])])
-    with pytest.raises(UserError, match="last layer"):
-        find_readout(helper.make_model(conv_last))
+    from tandem.explain.concepts import concept_layers, find_concept_layer
+
+    nodes = [helper.make_node("Relu", ["x"], ["r1"]), helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[2, 2],
+                                                                       strides=[2, 2]),
+             helper.make_node("Relu", ["p1"], ["r2"]), helper.make_node("MaxPool", ["r2"], ["p2"], kernel_shape=[4, 4],
+                                                                        strides=[4, 4]),
+             helper.make_node("Flatten", ["p2"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # p2 is 2 x 2: too small for nine regions; the last one that is not is the default.
+    assert [name for name, _ in concept_layers(model)] == ["r1", "p1", "r2"]
+    assert find_concept_layer(model) == ("r2", (3, 8, 8)) and find_concept_layer(model, "r1")[0] == "r1"
+    with pytest.raises(UserError, match="--layer 'p2' is not a spatial activation.*r1 \\(3x16x16\\)"):
+        find_concept_layer(model, "p2")
+    flat = helper.make_graph([helper.make_node("Relu", ["x"], ["out"])], "mlp",
+                             [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12])],
+                             [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 12])])
+    with pytest.raises(UserError, match="spatial activation"):
+        find_concept_layer(helper.make_model(flat))
 
 
 # --- a real network: stored, hashed, applied torch-free ---------------------------------------------------
@@ -228,13 +199,15 @@ def test_the_runtime_reproduces_the_fidelity_it_was_fit_with(fitted):
     assert np.mean([w["agrees"] for w in why]) == pytest.approx(report["fidelity"], abs=1e-12)
     assert all(w["fidelity"] == report["fidelity"] for w in why)
     assert 2 <= report["leaves"] <= 12 and report["depth"] >= 1
-    first = why[0]
-    assert first["nodes"][0] == 0 and first["text"].startswith(first["label"] + ", because concept ")
-    for c in first["conditions"]:
-        assert (c["value"] > c["threshold"]) == (c["op"] == ">")
+    first = next(w for w in why if w["conditions"])
+    assert first["nodes"][0] == 0 and first["label"] in first["text"] and "concept " in first["text"]
+    for w in why:
+        for c in w["conditions"]:  # every condition holds for the image it explains
+            assert c["above"] is None or c["value"] > c["above"]
+            assert c["at_most"] is None or c["value"] <= c["at_most"]
     png = rules.prototype_png(first["conditions"][0]["concept"])
     assert png.startswith(b"\x89PNG")
-    assert rules.text().startswith("if concept ")
+    assert "concept " in rules.text()
 
 
 def test_a_tampered_rules_json_is_refused(fitted, tmp_path):
@@ -261,7 +234,7 @@ def test_a_tampered_rules_json_is_refused(fitted, tmp_path):
         bad = json.loads(json.dumps(data))
         bad["model_sha256"] = read_manifest(fitted[0])["files"]["model.onnx"]["sha256"]
         if key == "direction":
-            bad["scores"]["directions"][0][0] = value
+            bad["concepts_fit"]["components"][0][0] = value
         elif key == "id":
             del bad["concepts"][0]["id"]
         else:
@@ -325,9 +298,9 @@ def test_the_command_fits_stores_replaces_and_explains(tiny_bundle, tmp_path):
     proc = run_tandem("rules", str(bundle), "--concepts", "3", "--max-leaves", "6", "--json", "--out",
                       str(tmp_path / "report"), check=True)
     report = json.loads(proc.stdout)
-    assert report["schema"] == "tandem.rules/1" and report["concepts"] == 3 and report["leaves"] <= 6
+    assert report["schema"] == "tandem.rules/2" and report["concepts"] == 3 and report["leaves"] <= 6
     assert 0 <= report["fidelity"] <= 1 and 0 <= report["accuracy"] <= 1 and report["depth"] >= 1
-    assert report["stored"] and report["rules"].startswith("if concept ")
+    assert report["stored"] and "concept " in report["rules"] and report["contradictory"] == 0
     assert (tmp_path / "report" / "rules.txt").read_text().startswith("rules for ")
     assert (tmp_path / "report" / "concepts" / "concept_2.png").is_file()
     first = _listed(bundle)
@@ -335,7 +308,7 @@ def test_the_command_fits_stores_replaces_and_explains(tiny_bundle, tmp_path):
 
     # A second run replaces its own files and nothing else.
     proc = run_tandem("rules", str(bundle), "--concepts", "2", "--max-leaves", "4", check=True)
-    assert "fidelity" in proc.stdout and "if concept " in proc.stdout
+    assert "fidelity" in proc.stdout and "concept " in proc.stdout
     second = _listed(bundle)
     assert "concepts/concept_2.png" not in second and not (bundle / "concepts" / "concept_2.png").exists()
     assert second[RULES_FILE] != first[RULES_FILE] and all(second[k] == v for k, v in before.items())
@@ -346,17 +319,22 @@ def test_the_command_fits_stores_replaces_and_explains(tiny_bundle, tmp_path):
     for i, image in enumerate(pixels):
         Image.fromarray(image[..., 0]).save(tmp_path / f"{i}.png")
     proc = run_tandem("rules", str(bundle), "--explain", str(tmp_path / "0.png"), str(tmp_path / "1.png"), "--json",
-                      check=True)
+                      "--out", str(tmp_path / "why"), check=True)
     out = json.loads(proc.stdout)
     assert [Path(r["path"]).name for r in out["images"]] == ["0.png", "1.png"]
-    assert all(r["text"].startswith(r["label"]) for r in out["images"])
+    assert all(r["label"] in r["text"] for r in out["images"])
+    assert [Path(r["picture"]).name for r in out["images"]] == ["0.rules.png", "1.rules.png"]
+    assert (tmp_path / "why" / "0.rules.png").read_bytes().startswith(b"\x89PNG")
+    _one_line(run_tandem("rules", str(bundle), "--explain", str(tmp_path / "0.png"), "--out", str(tmp_path / "why")),
+              "--force")
     # An unreadable file is one line; the files after it are still explained (exit 1, as predict does).
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    proc = run_tandem("rules", str(bundle), "--explain", str(tmp_path / "bad.png"), str(tmp_path / "1.png"))
+    proc = run_tandem("rules", str(bundle), "--explain", str(tmp_path / "bad.png"), str(tmp_path / "1.png"), "--out",
+                      str(tmp_path / "why2"))
     assert proc.returncode == 1 and "bad.png" in proc.stderr and "1.png: " in proc.stdout, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 2
     proc = run_tandem("rules", str(bundle), "--show", check=True)
-    assert "if concept " in proc.stdout
+    assert "concept " in proc.stdout and "groups" in proc.stdout
 
     # --out: a file is refused before the bundle changes; a folder holding a report needs --force, and its
     # earlier strips go

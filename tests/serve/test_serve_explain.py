@@ -19,6 +19,7 @@ from helpers.serving import make_repo, request, running_server
 from tandem.bundle import read_manifest
 from tandem.explain.occlusion import occlusion
 from tandem.explain.render import heatmap_png
+from tandem.explain.rules_pictures import fired_png
 from tandem.runtime import Predictor
 
 
@@ -143,7 +144,10 @@ def test_the_rule_path_is_the_rule_sets_and_its_prototypes_are_served(rules_bund
             assert answer["rules_reason"] is None
             path = answer["rules"]
             urls = [condition.pop("prototype_url") for condition in path["conditions"]]
-            assert path == json.loads(json.dumps(reference)) and path["text"].startswith(path["label"] + ", because")
+            wheres = [condition.pop("where_png_base64") for condition in path["conditions"]]
+            assert path == json.loads(json.dumps(reference)) and path["label"] in path["text"]
+            for condition, where in zip(path["conditions"], wheres):  # where it fired, drawn over this image
+                assert base64.b64decode(where) == fired_png(fp32.pixels([image])[0], np.asarray(condition["where"]))
             for condition, url in zip(path["conditions"], urls):
                 fit = read_manifest(repo / "animals" / "1")["files"]["rules.json"]["sha256"][:12]
                 assert url == f"/v2/models/animals/versions/1/concepts/{condition['concept']}?rules={fit}"

@@ -327,14 +327,21 @@ def test_the_heatmap_and_the_rule_path_show_under_the_top_5_bars(tiny_bundle, tm
         # The rule path: RuleSet.explain's sentence, each condition with its concept's prototype strip (the very
         # bytes in the bundle, fetched with the page's token), and how far to trust it (the rules' fidelity).
         expect(page.locator("#rule-text")).to_have_text("Rule path: " + path["text"])
-        conditions = page.locator("#rule-conditions li")
+        # The path's two steps (which group, then which animal in it), each condition under its step with where
+        # its concept fired in this image and the regions where it fires most.
+        steps = page.locator("#rule-conditions li.rule-step")
+        levels = sorted({c["level"] for c in path["conditions"]})
+        expect(steps).to_have_count(len(levels))
+        if 1 in levels:
+            expect(steps.nth(0)).to_have_text("1. Which group: " + path["group"])
+        conditions = page.locator("#rule-conditions li.condition")
         expect(conditions).to_have_count(len(path["conditions"]))
         for i, condition in enumerate(path["conditions"]):
             item = conditions.nth(i)
             assert item.get_attribute("data-concept") == str(condition["concept"])
-            expect(item).to_contain_text(f"concept {condition['concept']} ({condition['name']}) is "
-                                         f"{'high' if condition['op'] == '>' else 'low'}")
-            strip = item.locator("img")
+            expect(item).to_contain_text(condition["text"])
+            expect(item.locator("img.where")).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
+            strip = item.locator("img:not(.where)")
             expect(strip).to_have_attribute("src", re.compile(r"^blob:"))
             page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=strip.element_handle())
             shown = strip.evaluate("i => [i.naturalWidth, i.naturalHeight]")

@@ -15,7 +15,7 @@
     tandem serve REPO [--port P] [--config serve.yaml]   the Open Inference Protocol server
     tandem client URL IMAGE... [--model M]    classify images on a server
 
-One module per command group (train, export, predict, hardware, explain, serve, demo), each adding its
+One module per command group (train, export, predict, hardware, explain, rules, serve, demo), each adding its
 sub-parsers with register(sub); shared argument types and output helpers are in tandem.cli.args.
 """
 
@@ -26,7 +26,7 @@ import os
 import sys
 
 import tandem
-from tandem.cli import demo, explain, export, hardware, predict, serve, train
+from tandem.cli import demo, explain, export, hardware, predict, rules, serve, train
 from tandem.cli.args import Parser, rank_prefix
 from tandem.errors import UserError
 from tandem.threads import apply_to_torch, choose
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.register(sub)
     predict.register(sub)
     hardware.register(sub)  # bench, inspect, plan (torch-free; plan --train imports the training side)
-    explain.register(sub)   # explain (occlusion torch-free; ig, gradcam torch), rules (--show, --explain torch-free)
+    explain.register(sub)   # explain (occlusion torch-free; ig, gradcam torch)
+    rules.register(sub)     # rules (--show, --explain torch-free)
     serve.register(sub)
     serve.register_client(sub)
     export.register_keygen(sub)

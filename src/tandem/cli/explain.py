@@ -1,15 +1,11 @@
-"""`tandem explain` and `tandem rules`: which pixels a prediction rests on, how far each method can be trusted,
-and IF-THEN rules over concepts the network uses.
+"""`tandem explain`: which pixels a prediction rests on, and how far each method can be trusted (`tandem rules`,
+the hierarchical rules, is in cli/rules.py).
 
     tandem explain BUNDLE IMAGE... [--method ig|gradcam|occlusion] [--target LABEL] [--out DIR] [--json]
                                    [--baseline black|blur|mean] [--steps N] [--smooth N] [--layer NAME]
     tandem explain BUNDLE --evaluate [--methods ig,gradcam,occlusion] [--limit N] [--curve-steps N] [--json]
-    tandem rules BUNDLE [--max-leaves 32] [--concepts K] [--json] [--out DIR]    fit, store, print
-    tandem rules BUNDLE --show [--json]                                          the stored rules
-    tandem rules BUNDLE --explain IMAGE... [--json]                              each image's rule path
 
-The work is in tandem.explain (explain_images, evaluate, fit_rules, rules); occlusion, --show and --explain are
-torch-free.
+The work is in tandem.explain (explain_images, evaluate); occlusion is torch-free.
 """
 
 from __future__ import annotations
@@ -45,24 +41,8 @@ pixels become black, the blurred image, or the mean image), and passes the rando
 2018, Quantus's MPRT: its map must change once the network's weights are randomised, layer by layer from the
 top). --json prints schema tandem.explain/1."""
 
-RULES_EXAMPLES = """examples:
-  tandem rules bundles/animals/1                      fit concepts and a 32-leaf tree, store them, print the rules
-  tandem rules bundles/animals/1 --max-leaves 12      a smaller tree (its fidelity is printed with it)
-  tandem rules bundles/animals/1 --json --out report  JSON on stdout; rules.txt, report.json, concept PNGs in report/
-  tandem rules bundles/animals/1 --show               the stored rules, without fitting (torch-free)
-  tandem rules bundles/animals/1 --explain cat.png photos/   why each image got its label (torch-free)
-
-Concepts are found by non-negative factorisation (NMF) of the part of the penultimate activation that the last
-layer reads, and shown by their most activating training images (concepts/concept_K.png). A decision tree from
-concept scores to the network's own predictions gives the rules. Fidelity: how often the rules agree with the
-network on the test split; accuracy: how often they agree with the truth. Fitting needs the bundle's training
-data and scikit-learn (pip install 'tandem[explain]'); --show and --explain need neither (nor torch).
-Storing adds rules.json and concepts/ to the bundle and its manifest (a second run replaces them); a signed
-bundle needs --sign KEY.pem to be signed again, a read-only one --no-store."""
-
-
 def register(sub) -> None:
-    """Add `explain` and `rules` to the `tandem` command's subparsers."""
+    """Add `explain` to the `tandem` command's subparsers."""
     p = sub.add_parser("explain", help="why the network answered as it did: attribution maps, and their faithfulness",
                        description="Explain a bundle's predictions with attribution maps (Integrated Gradients or "
                                    "Grad-CAM through Captum, or occlusion in the torch-free runtime), or measure "
@@ -112,31 +92,6 @@ def register(sub) -> None:
                    help="with --evaluate: seed of the random order and of --limit's sample (default: %(default)s)")
     p.add_argument("--json", action="store_true", help=f"print a report as JSON (schema {SCHEMA})")
     p.set_defaults(func=cmd_explain)
-
-    p = sub.add_parser("rules", help="hierarchical IF-THEN rules over concepts the network uses, with their fidelity",
-                       description="Extract rules from a bundle's network: concepts in its penultimate layer (each "
-                                   "shown by prototype images), a shallow decision tree from concept scores to the "
-                                   "network's predictions, its fidelity and accuracy on the test split; store them in "
-                                   "the bundle (rules.json, hashed like every file). Or apply stored rules: --explain.",
-                       epilog=RULES_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle", help="bundle folder (from `tandem export`)")
-    p.add_argument("--max-leaves", type=counted(2, 4096), default=None, metavar="N",
-                   help="at most N rules (leaves of the tree) (default: 32)")
-    p.add_argument("--concepts", type=counted(1, 1024), default=None, metavar="K",
-                   help="number of concepts (default: 16, or 1.5 per class for more than 10 classes)")
-    p.add_argument("--space", choices=["used", "all"], default=None,
-                   help="find concepts in the part of the penultimate activation the last layer reads (used, "
-                        "default: faithful rules) or in all of it (all: more varied concepts, lower fidelity)")
-    p.add_argument("--out", metavar="DIR", help="also write the report there: rules.txt, report.json, concepts/*.png")
-    p.add_argument("--force", action="store_true", help="with --out: replace a report already there")
-    p.add_argument("--no-store", action="store_true", help="fit and print the rules, leave the bundle as it is")
-    p.add_argument("--sign", metavar="KEY.pem", help="for a signed bundle: sign it again with this private key after "
-                   "storing the rules (without it, a signed bundle is refused)")
-    p.add_argument("--show", action="store_true", help="print the rules stored in the bundle instead of fitting")
-    p.add_argument("--explain", nargs="+", metavar="IMAGE",
-                   help="apply the stored rules to these image files or folders: the rule each prediction follows")
-    p.add_argument("--json", action="store_true", help="print JSON (schema tandem.rules/1) instead of text")
-    p.set_defaults(func=cmd_rules)
 
 
 def cmd_explain(args) -> int:
@@ -253,86 +208,4 @@ def _evaluate(args) -> int:
         print_json(report)
     else:
         print(format_evaluation(report))
-    return 0
-
-
-def cmd_rules(args) -> int:
-    fitting = {"--max-leaves": args.max_leaves, "--concepts": args.concepts, "--space": args.space,
-               "--out": args.out, "--force": args.force or None, "--no-store": args.no_store or None,
-               "--sign": args.sign}
-    if args.show or args.explain:
-        given = [name for name, value in fitting.items() if value is not None]
-        if args.show and args.explain:
-            raise UserError("give --show or --explain, not both")
-        if given:
-            raise UserError(f"{', '.join(given)} fit new rules; --show and --explain use the stored ones: drop "
-                            f"{'them' if len(given) > 1 else 'it'}")
-        return _explain(args) if args.explain else _show(args)
-    from tandem.explain.fit_rules import fit_rules
-    from tandem.explain.rules_store import format_report
-
-    log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
-    chosen = {"max_leaves": args.max_leaves, "concepts": args.concepts, "space": args.space}  # None: fit_rules' default
-    report = fit_rules(args.bundle, **{k: v for k, v in chosen.items() if v is not None}, store=not args.no_store,
-                       out=args.out, force=args.force, sign_key=args.sign, log=log)
-    if args.json:
-        print_json(report)
-    else:
-        print(format_report(report))
-    return 0
-
-
-def _stored(bundle):
-    from tandem.explain.rules import RuleSet
-
-    rules = RuleSet.load(bundle)
-    if rules is None:
-        raise UserError(f"bundle {bundle} has no rules yet; fit them with `tandem rules {bundle}`")
-    return rules
-
-
-def _show(args) -> int:
-    rules = _stored(args.bundle)
-    m = rules.metrics
-    if args.json:
-        print_json({"schema": rules.data["schema"], "bundle": str(args.bundle), **m, "concepts": len(rules.concepts),
-                     "concept_list": rules.concepts, "rules": rules.text(), "tree": rules.tree})
-        return 0
-    concepts = len(rules.concepts)
-    print(f"rules stored in {args.bundle}: {concepts} concept{'' if concepts == 1 else 's'}, {m['leaves']} "
-          f"{'leaf' if m['leaves'] == 1 else 'leaves'}, depth {m['depth']}; "
-          f"fidelity {m['fidelity']:.1%} on {m['test_images']} test images, accuracy {m['accuracy']:.1%}")
-    print()
-    print(rules.text())
-    print()
-    for c in rules.concepts:
-        print(f"  concept {c['id']:<3} {c['name']:<28} {c['prototype']}")
-    return 0
-
-
-def _explain(args) -> int:
-    rules = _stored(args.bundle)
-    results, failed = [], 0
-    explained = rules.explain_files(args.explain)
-    if not args.json:
-        print(f"rules of {args.bundle}: fidelity {rules.fidelity:.1%} (how often they agree with the network on its "
-              "test split)")
-    for path, why, error in explained:
-        if error is not None:
-            failed += 1
-            results.append({"path": str(path), "error": error})
-            if not args.json:
-                print(f"error: {error}", file=sys.stderr, flush=True)
-            continue
-        one = {"path": str(path), **why}
-        results.append(one)
-        if not args.json:
-            verdict = "agrees with the network" if one["agrees"] else f"the network says {one['network_label']}"
-            print(f"{one['path']}: {one['text']}  [{verdict}]", flush=True)
-    if args.json:
-        print_json({"schema": rules.data["schema"], "bundle": str(args.bundle), "fidelity": rules.fidelity,
-                    "images": results})
-    if failed:
-        print(f"error: {failed} file(s) could not be read; the others were explained", file=sys.stderr)
-        return 1
     return 0

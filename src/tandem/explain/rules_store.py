@@ -105,28 +105,35 @@ def write_report(out: Path, files: dict[str, bytes], report: dict) -> Path:
 
 
 def format_report(report: dict) -> str:
-    """What `tandem rules` prints: how the rules were made, how faithful they are, the tree, the concepts."""
+    """What `tandem rules` prints: how the rules were made, how faithful they are, whether they explain, the tree,
+    the concepts."""
     def pct(x: float) -> str:
         return f"{x * 100:.1f}%"
 
-    where = "the part of the penultimate layer the last layer reads" if report["space"] == "used" else \
-        "the whole penultimate layer"
+    c, h, w = report["feature_shape"]
     agree = round(report["fidelity"] * report["test_images"])
+    groups = report["groups_list"]
     lines = [
-        f"rules for {report['bundle']}: {report['concepts']} concept{'' if report['concepts'] == 1 else 's'} (NMF of {where}, {report['feature_tensor']}, "
-        f"{report['feature_size']} values); a tree of {report['leaves']} "
-        f"{'leaf' if report['leaves'] == 1 else 'leaves'}, depth {report['depth']}, fit on the "
-        f"network's own predictions for {report['fit_images']:,} training images",
+        f"rules for {report['bundle']}: {report['concepts']} part concept{'' if report['concepts'] == 1 else 's'} "
+        f"(NMF of {report['feature_tensor']}, {c} channels at {h} x {w} positions); {len(groups)} group"
+        f"{'' if len(groups) == 1 else 's'} of classes, then a tree of {report['leaves']} "
+        f"{'leaf' if report['leaves'] == 1 else 'leaves'} ({report['levels']} level{'' if report['levels'] == 1 else 's'}"
+        f", depth {report['depth']}), fit on the network's own predictions for {report['fit_images']:,} training images",
         f"fidelity {pct(report['fidelity'])}: the rules agree with the network on {agree} of {report['test_images']} "
         f"test images; accuracy {pct(report['accuracy'])} (the network's: {pct(report['network_accuracy'])})",
         "fidelity by tree size: " + ", ".join(f"{s['max_leaves']} leaves {pct(s['fidelity'])}"
                                               for s in report["fidelity_by_leaves"]),
-        "", report["rules"], "", "concepts (each shown by its most activating training images):"]
+        f"do they explain: {report['class_detectors']} of {report['concepts']} concepts are class detectors "
+        f"(correlation > 0.8 with one class's logit), {report['specific_concepts']} are specific to one class; "
+        f"{pct(report['circular_share'])} of the test explanations are circular (only concepts of the class they "
+        f"give), {report['contradictory']} contradictory",
+        "groups: " + "; ".join(g["name"] for g in groups),
+        "", report["rules"], "", "concepts (each shown by the image regions where it fires most):"]
     folder = Path(report["out"]) if report.get("out") else Path(report["bundle"]) if report["stored"] else None
-    for c in report["concept_list"]:
-        tops = ", ".join(f"{k} {v:.0%}" for k, v in c["top_labels"].items())
-        strip = f"  {folder / c['prototype']}" if folder else ""
-        lines.append(f"  concept {c['id']:<3} {c['name']:<28} top images: {tops}{strip}")
+    for one in report["concept_list"]:
+        tops = ", ".join(f"{k} {v:.0%}" for k, v in one["top_labels"].items())
+        strip = f"  {folder / one['prototype']}" if folder else ""
+        lines.append(f"  concept {one['id']:<3} {one['name']:<36} top regions from: {tops}{strip}")
     if report["stored"]:
         lines.append(f"stored in {report['bundle']}: {RULES_FILE} and {report['concepts']} prototype strips, listed "
                      f"in {MANIFEST}" + (" and signed again" if report.get("signed_again") else "") +

@@ -54,6 +54,7 @@ def explain_image(model: ModelVersion, pixels: np.ndarray, target: int | None, w
     """In a worker thread: one image's occlusion map (the version's fp32 model) and its rule path, as JSON."""
     from tandem.explain.occlusion import occlusion
     from tandem.explain.render import heatmap_png
+    from tandem.explain.rules_pictures import fired_png
 
     predictor = model.fp32_predictor()
     started = time.perf_counter()
@@ -74,6 +75,8 @@ def explain_image(model: ModelVersion, pixels: np.ndarray, target: int | None, w
         for condition in path["conditions"]:
             condition["prototype_url"] = (f"/v2/models/{model.name}/versions/{model.version}/concepts/"
                                           f"{int(condition['concept'])}?rules={fit}")
+            # Where the concept fired in this image (orange over the dimmed image), for the page.
+            condition["where_png_base64"] = base64.b64encode(fired_png(pixels, np.asarray(condition["where"]))).decode()
         observe("rules", time.perf_counter() - occluded)
     ended = time.perf_counter()
     probs, labels = found.probabilities, predictor.labels
