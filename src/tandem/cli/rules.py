@@ -133,7 +133,7 @@ def _show(args) -> int:
 
 
 def _explain(args) -> int:
-    from tandem.explain.explain_images import output_names
+    from tandem.explain.explain_images import check_out, output_names
     from tandem.explain.rules_pictures import explanation_png
     from tandem.files import write_bytes_atomic
     from tandem.images import expand_paths
@@ -142,7 +142,7 @@ def _explain(args) -> int:
     out = Path(args.out or EXPLAINED)
     files = expand_paths(args.explain)
     names = dict(zip(files, output_names(files)))
-    _check_pictures(out, list(names.values()), args.force)
+    check_out(out, list(names.values()), "rules", args.force)
     results, failed = [], 0
     if not args.json:
         print(f"rules of {args.bundle}: fidelity {rules.fidelity:.1%} (how often they agree with the network on its "
@@ -169,12 +169,3 @@ def _explain(args) -> int:
         print(f"error: {failed} file(s) could not be read; the others were explained", file=sys.stderr)
         return 1
     return 0
-
-
-def _check_pictures(out: Path, names: list[str], force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the pictures")
-    taken = [f"{name}.rules.png" for name in names if (out / f"{name}.rules.png").exists()]
-    if taken and not force:
-        raise UserError(f"{out} already holds {len(taken)} of these pictures ({', '.join(taken[:2])}"
-                        f"{' ...' if len(taken) > 2 else ''}); pass --force to replace them, or choose another --out")

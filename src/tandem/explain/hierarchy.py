@@ -78,18 +78,14 @@ def fit_hierarchy(x_train: np.ndarray, p_train: np.ndarray, groups: list[list[in
                 break
             clf = DecisionTreeClassifier(max_leaf_nodes=n, min_samples_leaf=min_samples_leaf,
                                          random_state=seed).fit(x_train[rows], p_train[rows])
-            got = int((clf.predict(x_train[rows]) == p_train[rows]).sum())
-            if clf.get_n_leaves() < n:  # it stopped growing: larger sizes give the same tree
-                fits[leaf].append(clf)
-                correct[leaf].append(got)
-                break
             fits[leaf].append(clf)
-            correct[leaf].append(got)
+            correct[leaf].append(int((clf.predict(x_train[rows]) == p_train[rows]).sum()))
+            if clf.get_n_leaves() < n:  # it stopped growing: larger sizes give the same tree
+                break
     trees = {}
     for budget in sorted({max_leaves, *(n for n in smaller if len(leaves) <= n < max_leaves)}):
         sizes = _share(leaves, correct, budget)
-        trees[budget] = _emit(top, {leaf: fits[leaf][sizes[leaf] - 1] for leaf in leaves}, x_train, p_train, reach,
-                              group_of)
+        trees[budget] = _emit(top, {leaf: fits[leaf][sizes[leaf] - 1] for leaf in leaves}, x_train, p_train)
     return trees
 
 
@@ -108,7 +104,7 @@ def _share(leaves: list[int], correct: dict[int, list[int]], budget: int) -> dic
     return dict(zip(leaves, sizes))
 
 
-def _emit(top, below: dict, x_train: np.ndarray, p_train: np.ndarray, reach: np.ndarray, group_of: np.ndarray) -> dict:
+def _emit(top, below: dict, x_train: np.ndarray, p_train: np.ndarray) -> dict:
     tree: dict[str, list] = {k: [] for k in KEYS}
     t = top.tree_
 

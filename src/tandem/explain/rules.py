@@ -71,6 +71,9 @@ class RuleSet:
         self.metrics: dict = data["metrics"]
         self.fidelity = float(self.metrics["fidelity"])
         self.fit = concept_math.load_concepts(data["concepts_fit"])
+        # Each concept's scale for its strongest response: a code map over it reads 0..1 ("where" it fired).
+        self.anywhere = self.fit["scale"][::concept_math.FEATURES_PER_CONCEPT]
+        self.specific = [c.get("specific", {"specific": False, "index": -1}) for c in self.concepts]
         self.tree = check_tree(data["tree"], len(self.fit["scale"]), len(self.labels), len(self.groups))
         self.predictor = Predictor(session, manifest, precision="fp32")  # preprocessing, labels, image forms
         self.predictor._check_against_the_graph()
@@ -139,17 +142,15 @@ class RuleSet:
         tree, leaf = self.tree, path[-1]
         label, group = tree["class"][leaf], tree["group"][leaf]
         found = conditions(tree, row, path, self.concepts)
-        anywhere = self.fit["scale"][::concept_math.FEATURES_PER_CONCEPT]
         for c in found:
-            c["where"] = np.round(np.clip(code[c["concept"]] / anywhere[c["concept"]], 0, 1), 3).tolist()
+            c["where"] = np.round(np.clip(code[c["concept"]] / self.anywhere[c["concept"]], 0, 1), 3).tolist()
             c["text"] = condition_text(c)
         group_name = self.groups[group]["name"]
-        specific = [c.get("specific", {"specific": False, "index": -1}) for c in self.concepts]
         return {
             "label": self.labels[label], "index": int(label), "group": group_name, "group_index": int(group),
             "network_label": self.labels[network], "network_index": network, "agrees": bool(label == network),
             "conditions": found, "text": path_text(found, group_name, self.labels[label], len(self.groups) == 1),
-            "circular": circular(found, int(label), specific), "contradictory": contradictory(found),
+            "circular": circular(found, int(label), self.specific), "contradictory": contradictory(found),
             "fidelity": self.fidelity, "nodes": path,
             "leaf": {"node": leaf, "test_images": tree["test_images"][leaf], "test_agree": tree["test_agree"][leaf]},
         }
